@@ -1,0 +1,1 @@
+"""ESA runner: Extreme Sensitivity Analysis of LLM weights."""

@@ -1,0 +1,173 @@
+"""Resolved run configuration: one frozen dataclass, canonical names and validation.
+
+The CLI turns argparse output into a :class:`RunConfig`; library code only ever sees this
+dataclass.  Every user mistake detectable without loading the model raises :class:`UsageError`,
+which the CLI prints as one line and turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+
+
+class UsageError(Exception):
+    """Bad user input: the CLI prints the message on one line and exits with code 2."""
+
+
+METRICS = ("grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag", "magnitude", "act_mag")
+MODES = ("per_layer", "global")
+PERTURBS = ("zero", "sign_flip", "gauss_noise", "bit_flip")
+CONTROLS = ("random_k", "bottom_k")
+DEVICES = ("cuda", "cpu", "auto")
+DTYPES = ("bf16", "fp16", "fp32")
+DATASETS = ("wikitext2", "wikitext103")
+
+# Accepted spellings -> canonical names (config.json always records the canonical name).
+METRIC_ALIASES = {
+    "activation_magnitude": "act_mag",
+    "act_magnitude": "act_mag",
+    "wanda": "act_mag",
+    "gradxweight": "grad_x_weight",
+    "grad_weight": "grad_x_weight",
+    "taylor": "grad_x_weight",
+    "fisher": "grad_squared",
+    "grad_sq": "grad_squared",
+    "weight_magnitude": "magnitude",
+    "hutchinson": "hutchinson_diag",
+    "hessian": "hessian_diag",
+}
+PERTURB_ALIASES = {
+    "gaussian": "gauss_noise",
+    "gauss": "gauss_noise",
+    "noise": "gauss_noise",
+    "signflip": "sign_flip",
+    "flip_sign": "sign_flip",
+    "zeroing": "zero",
+    "bitflip": "bit_flip",
+}
+DATASET_ALIASES = {"wikitext-2": "wikitext2", "wikitext-103": "wikitext103"}
+
+# Implemented in later issues; selecting them must fail loudly, never fall back silently.
+NOT_IMPLEMENTED = {"hessian_diag", "hutchinson_diag", "bit_flip"}
+
+EMBEDDED_MODEL = "smollm2-135m"
+
+
+def canonical(value: str, choices: tuple[str, ...], aliases: dict[str, str], what: str) -> str:
+    """Map ``value`` (or one of its aliases, case-insensitively) to its canonical name."""
+    key = value.strip().lower().replace("-", "_")
+    key = aliases.get(key, aliases.get(value.strip().lower(), key))
+    if key not in choices:
+        raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+    return key
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """Parse ``"0,1,2"`` into ``(0, 1, 2)``; duplicates and non-integers are errors."""
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or any(not re.fullmatch(r"-?\d+", p) for p in parts):
+        raise UsageError(f"--seeds must be a comma-separated list of integers, got {text!r}")
+    seeds = tuple(int(p) for p in parts)
+    if any(s < 0 or s >= 2**63 for s in seeds):
+        raise UsageError(f"--seeds must be non-negative 64-bit integers, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds contains duplicates: {text!r}")
+    return seeds
+
+
+def parse_controls(text: str) -> tuple[str, ...]:
+    """Parse ``"random_k,bottom_k"``; ``"none"`` or ``""`` means no controls."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    out: list[str] = []
+    for part in text.split(","):
+        name = part.strip().lower().replace("-", "_")
+        name = {"random": "random_k", "bottom": "bottom_k"}.get(name, name)
+        if name not in CONTROLS:
+            raise UsageError(f"unknown control {part.strip()!r} in --controls; choose from {', '.join(CONTROLS)}")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def compile_patterns(patterns: tuple[str, ...], flag: str) -> tuple[re.Pattern[str], ...]:
+    """Compile --include/--exclude regexes, turning syntax errors into usage errors."""
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise UsageError(f"{flag} {p!r} is not a valid regular expression: {exc}") from None
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, with canonical names. ``*_explicit`` record user intent."""
+
+    model: str = EMBEDDED_MODEL
+    device: str = "cuda"
+    device_explicit: bool = False
+    dtype: str = "bf16"
+    dtype_explicit: bool = False
+    metric: str = "grad_x_weight"
+    mode: str = "per_layer"
+    topk: int = 100
+    perturb: str | None = None
+    perturb_scale: float = 1.0
+    perturb_prob: float = 1.0
+    controls: tuple[str, ...] = ("random_k", "bottom_k")
+    seeds: tuple[int, ...] = (0,)
+    stability_check: bool = False
+    data_file: str | None = None
+    dataset: str | None = None
+    max_samples: int = 32
+    eval_samples: int = 16
+    max_length: int = 256
+    batch_size: int = 4
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    out_dir: str | None = None
+    save_plots: bool = False
+    verbose: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def replace(self, **changes) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check everything that can be checked before the model loads; return the config."""
+    if cfg.metric in NOT_IMPLEMENTED:
+        raise UsageError(f"--metric {cfg.metric} is not implemented yet")
+    if cfg.perturb in NOT_IMPLEMENTED:
+        raise UsageError(f"--perturb {cfg.perturb} is not implemented yet")
+    if cfg.topk <= 0:
+        raise UsageError(f"--topk must be a positive integer, got {cfg.topk}")
+    for name in ("max_samples", "eval_samples", "batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.max_length < 2:
+        raise UsageError(f"--max-length must be at least 2 tokens, got {cfg.max_length}")
+    if not 0.0 < cfg.perturb_prob <= 1.0:
+        raise UsageError(f"--perturb-prob must be in (0, 1], got {cfg.perturb_prob}")
+    if not cfg.perturb_scale >= 0.0 or cfg.perturb_scale != cfg.perturb_scale:
+        raise UsageError(f"--perturb-scale must be a non-negative number, got {cfg.perturb_scale}")
+    if cfg.data_file is not None and cfg.dataset is not None:
+        raise UsageError("give either --data-file or --dataset, not both")
+    if cfg.data_file is not None:
+        if not os.path.isfile(cfg.data_file):
+            raise UsageError(f"--data-file {cfg.data_file!r} does not exist or is not a file")
+        if os.path.getsize(cfg.data_file) == 0:
+            raise UsageError(f"--data-file {cfg.data_file!r} is empty")
+    compile_patterns(cfg.include, "--include")
+    compile_patterns(cfg.exclude, "--exclude")
+    return cfg

@@ -1,0 +1,156 @@
+"""The ESA run: load -> score -> Top-K (+ controls) -> perturb -> perplexity -> outputs.
+
+``run(cfg)`` is the whole job; the CLI only builds ``cfg``.  Nothing in here sees argparse.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from esa import models, outputs, report, selection
+from esa.config import RunConfig, UsageError
+from esa.data import TokenData, load_data
+from esa.evaluate import NaNLossError, perplexity
+from esa.outputs import Manifest, check_writable
+from esa.perturb import perturbed
+from esa.seeding import numpy_rng, torch_generator
+from esa.sensitivity import compute_scores
+from esa.stats import all_stats
+from esa.targets import Target, find_targets
+
+log = logging.getLogger("esa")
+
+
+@dataclass
+class SeedResult:
+    """What one seed leaves behind: its selections and small summaries (never full scores)."""
+
+    seed: int
+    top: selection.Selection
+    controls: dict[str, selection.Selection]
+    n_calibration_windows: int
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(cfg.model).name if cfg.model.endswith(".gguf") else cfg.model)
+    parts = [slug.strip("_") or "model", cfg.metric, cfg.mode, f"k{cfg.topk}"]
+    if cfg.perturb:
+        parts.append(cfg.perturb)
+    return Path("outputs") / ("_".join(parts) + time.strftime("_%Y%m%d-%H%M%S"))
+
+
+def score_seed(cfg: RunConfig, seed: int, model, targets: list[Target], data: TokenData,
+               out_dir: Path, manifest: Manifest, write_stats: bool) -> SeedResult:
+    """Score with this seed's calibration windows, select Top-K and controls, drop the scores."""
+    windows = data.calibration(numpy_rng(seed, "calibration"), cfg.max_samples)
+    names = [t.name for t in targets]
+    log.info("seed %d: scoring %d target tensors with %s on %d calibration windows", seed, len(targets),
+             cfg.metric, len(windows))
+    with manifest.phase("scoring"):
+        scores = compute_scores(cfg.metric, model, targets, windows, cfg.batch_size)
+    with manifest.phase("selection"):
+        need = 2 if "random_k" in cfg.controls else 1
+        top = selection.top_k(scores, names, cfg.topk, cfg.mode, need=need)
+        rng = numpy_rng(seed, "random_k")
+        controls = {c: selection.control(c, scores, names, cfg.topk, cfg.mode, top, rng) for c in cfg.controls}
+    if write_stats:
+        with manifest.phase("stats"):
+            stats = all_stats(scores, {t.name: t.shape for t in targets})
+        outputs.write_json(out_dir / "sensitivity_stats.json", {"metric": cfg.metric, "seed": seed, "tensors": stats})
+        manifest.add_file("sensitivity_stats.json")
+    del scores
+    return SeedResult(seed, top, controls, len(windows))
+
+
+def evaluate_conditions(cfg: RunConfig, model, targets: list[Target], data: TokenData, result: SeedResult,
+                        manifest: Manifest) -> dict:
+    """Baseline perplexity once, then each condition perturbed in place and restored."""
+    by_name = {t.name: t for t in targets}
+    with manifest.phase("evaluation"):
+        log.info("baseline perplexity on %d evaluation windows", len(data.eval_windows))
+        base = perplexity(model, data.eval_windows, cfg.batch_size)
+        log.info("baseline perplexity %.4f", base["ppl"])
+        conditions = {}
+        for name, sel in [("top_k", result.top), *result.controls.items()]:
+            gen = torch_generator(result.seed, f"perturb:{name}")
+            with perturbed(by_name, sel, cfg.perturb, cfg.perturb_scale, cfg.perturb_prob, gen) as info:
+                try:
+                    ev = perplexity(model, data.eval_windows, cfg.batch_size)
+                    row = {**ev, "delta_ppl": ev["ppl"] - base["ppl"], "ratio": ev["ppl"] / base["ppl"]}
+                except NaNLossError as exc:
+                    log.error("%s: %s (reported, not a number)", name, exc)
+                    row = {"ppl": None, "error": str(exc)}
+            conditions[name] = {**row, **info}
+            log.info("%s: perplexity %s (%d weights perturbed)", name, row.get("ppl"), info["n_perturbed"])
+    return {"seed": result.seed, "metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk,
+            "perturb": cfg.perturb, "perturb_scale": cfg.perturb_scale, "perturb_prob": cfg.perturb_prob,
+            "eval_windows": len(data.eval_windows), "baseline": base, "conditions": conditions}
+
+
+def write_top_weights(out_dir: Path, results: list[SeedResult], targets: list[Target]) -> list[list]:
+    names = [t.name for t in targets]
+    shapes = {t.name: t.shape for t in targets}
+    rows = []
+    for res in results:
+        for rank, (name, idx, score) in enumerate(res.top.ranked(names), start=1):
+            coords = ",".join(str(int(c)) for c in np.unravel_index(idx, shapes[name]))
+            rows.append([rank, name, idx, coords, f"{score:.9g}", res.seed])
+    outputs.write_csv(out_dir / "top_weights.csv", ["rank", "parameter", "index", "coords", "score", "seed"], rows)
+    return rows
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run the whole job described by ``cfg``; returns the summary that was printed."""
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
+    try:
+        check_writable(out_dir)
+    except OSError as exc:
+        raise UsageError(f"--out-dir {str(out_dir)!r} is not writable: {exc.strerror or exc}") from None
+    choice = models.resolve_device(cfg.device, cfg.device_explicit, cfg.dtype, cfg.dtype_explicit)
+    for w in choice.warnings:
+        log.warning(w)
+    seeds = cfg.seeds
+    if len(seeds) > 1:
+        log.warning("the multi-seed loop is not implemented yet: only the first seed (%d) runs", seeds[0])
+        seeds = seeds[:1]
+    if cfg.stability_check:
+        log.warning("--stability-check is not implemented yet: no stability_summary.json is written")
+    manifest = Manifest(out_dir)
+    try:
+        with manifest.phase("load_model"):
+            log.info("loading model %s on %s in %s", cfg.model, choice.device, choice.dtype)
+            model, tok = models.load_model(cfg.model, choice.device, choice.dtype)
+        targets = find_targets(model, cfg.include, cfg.exclude)
+        with manifest.phase("load_data"):
+            data = load_data(tok, cfg.data_file, cfg.dataset, cfg.max_length, cfg.eval_samples, cfg.max_samples)
+        report.write_config(out_dir, cfg, choice, model, targets, data, seeds)
+        manifest.add_file("config.json")
+        results = [score_seed(cfg, s, model, targets, data, out_dir, manifest, write_stats=(i == 0))
+                   for i, s in enumerate(seeds)]
+        rows = write_top_weights(out_dir, results, targets)
+        manifest.add_file("top_weights.csv")
+        perturbation = None
+        if cfg.perturb:
+            perturbation = evaluate_conditions(cfg, model, targets, data, results[0], manifest)
+            outputs.write_json(out_dir / "perturbation_results.json", perturbation)
+            manifest.add_file("perturbation_results.json")
+        summary = report.summary_table(cfg, results[0], perturbation, rows[:5], out_dir)
+        print(summary, flush=True)
+        manifest.finish("success")
+        return {"out_dir": str(out_dir), "perturbation": perturbation}
+    except KeyboardInterrupt:
+        manifest.finish("interrupted", "KeyboardInterrupt")
+        raise
+    except BaseException as exc:
+        manifest.finish("failed", f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

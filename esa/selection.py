@@ -1,0 +1,166 @@
+"""Top-K selection and its controls, with deterministic ties and O(k) memory beyond the scores.
+
+Order is (score descending, target order ascending, flat index ascending): among equal scores the
+weight that comes first in ``model.named_parameters()`` order, then the lower flat (row-major)
+index, wins.  ``bottom_k`` uses (score ascending, same tie-break).  ``global`` selection merges
+per-tensor candidates (each tensor's own top-k under the same order), which provably contains the
+global top-k, so no Python object is ever built per weight.
+
+Controls have the Top-K's structure: ``per_layer`` -> k per tensor, ``global`` -> k overall.
+``random_k`` is drawn uniformly (seeded numpy Generator) from the weights *not* in the Top-K:
+per tensor for ``per_layer``, over all target weights (so larger tensors get more) for ``global``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from esa.config import UsageError
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Chosen weights: per target name, flat indices (int64, cpu) and their scores (fp32, cpu)."""
+
+    kind: str
+    indices: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor]
+
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.indices.values())
+
+    def keys(self) -> set[tuple[str, int]]:
+        """Identity of each weight: (parameter name, flat index). O(k) objects, only for small k."""
+        return {(n, int(i)) for n, idx in self.indices.items() for i in idx.tolist()}
+
+    def ranked(self, order: list[str]) -> list[tuple[str, int, float]]:
+        """Rows (name, flat index, score) in selection order; ``order`` = target names in order."""
+        pos = {n: i for i, n in enumerate(order)}
+        names = [n for n in order if n in self.indices and len(self.indices[n])]
+        if not names:
+            return []
+        tid = torch.cat([torch.full((len(self.indices[n]),), pos[n]) for n in names])
+        idx = torch.cat([self.indices[n] for n in names])
+        sc = torch.cat([self.scores[n] for n in names])
+        perm = np.lexsort((idx.numpy(), tid.numpy(), -sc.double().numpy() if self.kind != "bottom_k"
+                           else sc.double().numpy()))
+        return [(order[int(tid[j])], int(idx[j]), float(sc[j])) for j in perm]
+
+
+def extreme_k(flat: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """Flat indices of the k largest (or smallest) values, ordered by value then index.
+
+    Deterministic: ties at the threshold go to the lowest indices.  Memory: a few boolean masks
+    the size of ``flat``.
+    """
+    n = flat.numel()
+    k = min(k, n)
+    vals = flat if largest else flat.neg()
+    thr = torch.topk(vals, k, sorted=False).values.min()
+    above = torch.nonzero(vals > thr).squeeze(1)
+    ties = torch.nonzero(vals == thr).squeeze(1)[: k - len(above)]
+    idx = torch.cat([above, ties]).sort().values
+    order = torch.sort(vals[idx], descending=True, stable=True).indices
+    return idx[order]
+
+
+def _merge_global(scores: dict[str, torch.Tensor], names: list[str], k: int, largest: bool
+                  ) -> dict[str, torch.Tensor]:
+    cand_idx, cand_val, cand_tid = [], [], []
+    for t, name in enumerate(names):
+        flat = scores[name].reshape(-1)
+        idx = extreme_k(flat, k, largest)
+        cand_idx.append(idx.cpu())
+        cand_val.append(flat[idx].cpu())
+        cand_tid.append(torch.full((len(idx),), t))
+    val, tid, idx = torch.cat(cand_val), torch.cat(cand_tid), torch.cat(cand_idx)
+    # candidates are already in (tensor, value, index) order; a stable sort on value finishes it
+    order = torch.sort(val if largest else val.neg(), descending=True, stable=True).indices[:k]
+    return {name: idx[order][tid[order] == t] for t, name in enumerate(names)}
+
+
+def _gather(scores: dict[str, torch.Tensor], indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: scores[n].reshape(-1)[i.to(scores[n].device)].float().cpu() for n, i in indices.items()}
+
+
+def _sample_excluding(n: int, k: int, excluded: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """k distinct integers uniform on [0, n) minus ``excluded``; O(k) memory when n >> k."""
+    excl = np.unique(excluded.numpy())
+    free = n - len(excl)
+    if free < k:
+        raise UsageError(f"cannot draw {k} random weights disjoint from the Top-K out of {n}")
+    if free <= 4 * k:  # dense case: enumerate what is allowed
+        allowed = np.setdiff1d(np.arange(n, dtype=np.int64), excl, assume_unique=True)
+        return torch.from_numpy(rng.choice(allowed, size=k, replace=False))
+    chosen = np.empty(0, dtype=np.int64)
+    while len(chosen) < k:
+        draw = rng.integers(0, n, size=2 * (k - len(chosen)) + 16, dtype=np.int64)
+        draw = draw[~np.isin(draw, excl)]
+        cand = np.concatenate([chosen, draw])
+        _, first = np.unique(cand, return_index=True)
+        chosen = cand[np.sort(first)]  # order-preserving de-duplication keeps the draw uniform
+    return torch.from_numpy(chosen[:k].copy())
+
+
+def _check_k(mode: str, k: int, sizes: dict[str, int], need: int) -> None:
+    if mode == "per_layer":
+        small = min(sizes, key=sizes.get)
+        if sizes[small] < need * k:
+            raise UsageError(f"--topk {k} (per_layer) is too large: {small} has only {sizes[small]} weights"
+                             + (" and the controls need as many again" if need > 1 else ""))
+    elif sum(sizes.values()) < need * k:
+        raise UsageError(f"--topk {k} (global) is too large: the targets hold {sum(sizes.values())} weights"
+                         + (" and the controls need as many again" if need > 1 else ""))
+
+
+def top_k(scores: dict[str, torch.Tensor], names: list[str], k: int, mode: str, need: int = 1) -> Selection:
+    """The Top-K of ``scores`` (``names`` in target order). ``need=2`` reserves room for controls."""
+    _check_k(mode, k, {n: scores[n].numel() for n in names}, need)
+    if mode == "per_layer":
+        indices = {n: extreme_k(scores[n].reshape(-1), k).cpu() for n in names}
+    else:
+        indices = _merge_global(scores, names, k, largest=True)
+    return Selection("top_k", indices, _gather(scores, indices))
+
+
+ControlFn = Callable[[dict[str, torch.Tensor], list[str], int, str, Selection, np.random.Generator], Selection]
+CONTROLS: dict[str, ControlFn] = {}
+
+
+def register(name: str) -> Callable[[ControlFn], ControlFn]:
+    def deco(fn: ControlFn) -> ControlFn:
+        CONTROLS[name] = fn
+        return fn
+    return deco
+
+
+@register("bottom_k")
+def bottom_k(scores, names, k, mode, top, rng) -> Selection:
+    if mode == "per_layer":
+        indices = {n: extreme_k(scores[n].reshape(-1), k, largest=False).cpu() for n in names}
+    else:
+        indices = _merge_global(scores, names, k, largest=False)
+    return Selection("bottom_k", indices, _gather(scores, indices))
+
+
+@register("random_k")
+def random_k(scores, names, k, mode, top, rng) -> Selection:
+    if mode == "per_layer":
+        indices = {n: _sample_excluding(scores[n].numel(), k, top.indices[n], rng) for n in names}
+    else:
+        sizes = torch.tensor([scores[n].numel() for n in names], dtype=torch.long)
+        starts = torch.cumsum(sizes, 0) - sizes
+        excl = torch.cat([top.indices[n] + starts[i] for i, n in enumerate(names) if n in top.indices])
+        offsets = _sample_excluding(int(sizes.sum()), k, excl, rng)
+        tid = torch.searchsorted(starts, offsets, right=True) - 1
+        indices = {n: (offsets[tid == i] - starts[i]).sort().values for i, n in enumerate(names)}
+    return Selection("random_k", indices, _gather(scores, indices))
+
+
+def control(name: str, scores, names, k, mode, top: Selection, rng: np.random.Generator) -> Selection:
+    return CONTROLS[name](scores, names, k, mode, top, rng)

@@ -1,0 +1,164 @@
+"""Per-weight sensitivity scores: a registry of metrics with one uniform signature.
+
+Every metric maps ``(model, targets, windows, batch_size)`` to ``{target name: score}``, where each
+score is an fp32 tensor with the weight's shape on the weight's device, whatever the model dtype.
+Losses are the summed next-token NLL in fp32 over equal-length windows (no padding exists, so none
+can enter a loss).  Let N be the number of predicted tokens over all calibration windows and W the
+number of windows:
+
+* ``grad_x_weight``: ``|w * g|`` with ``g = d/dw (sum NLL / N)``, the gradient of the mean token loss
+  (first-order Taylor estimate of the loss change when w is removed).  One forward+backward per batch.
+* ``grad_squared``: empirical Fisher diagonal ``(1/W) sum_windows (d/dw mean-NLL(window))^2``;
+  granularity is one window (squared per window, then averaged), so each window gets its own
+  backward pass (``--batch-size`` does not batch this metric).
+* ``magnitude``: ``|w|``.
+* ``act_mag`` (Wanda): ``|w_ij| * ||x_j||_2`` with ``||x_j||_2`` over all calibration tokens of the
+  input feature j of the module.  For an embedding the input is the one-hot token vector, so
+  ``||x_v||_2 = sqrt(count of token v)``.  A tied weight sums the score of each of its uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from esa.evaluate import batches, nll_sum
+from esa.models import assert_eval
+from esa.targets import Target
+
+Scores = dict[str, torch.Tensor]
+MetricFn = Callable[[torch.nn.Module, list[Target], torch.Tensor, int], Scores]
+METRICS: dict[str, MetricFn] = {}
+
+
+def register(name: str) -> Callable[[MetricFn], MetricFn]:
+    def deco(fn: MetricFn) -> MetricFn:
+        METRICS[name] = fn
+        return fn
+    return deco
+
+
+def compute_scores(metric: str, model: torch.nn.Module, targets: list[Target], windows: torch.Tensor,
+                   batch_size: int) -> Scores:
+    """Score every target weight with ``metric`` on calibration ``windows`` ``[W, L]`` (int64)."""
+    if metric not in METRICS:
+        raise NotImplementedError(f"metric {metric} is not implemented yet")
+    assert_eval(model)
+    scores = METRICS[metric](model, targets, windows, batch_size)
+    for name, s in scores.items():
+        if not torch.isfinite(s).all():
+            raise FloatingPointError(f"non-finite {metric} scores in {name}")
+    return scores
+
+
+@contextlib.contextmanager
+def grad_accumulators(targets: list[Target], transform: Callable[[torch.Tensor], torch.Tensor]
+                      ) -> Iterator[Scores]:
+    """Enable grads on targets and fold each backward's gradient into an fp32 accumulator.
+
+    A post-accumulate-grad hook adds ``transform(grad.float())`` to the accumulator and frees
+    ``param.grad`` at once, so no model-dtype gradient outlives its backward pass.  For a tied
+    weight autograd sums all uses before the hook fires, so the transform sees the full gradient.
+    """
+    acc = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=t.param.device) for t in targets}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(p: torch.Tensor) -> None:
+            acc[name].add_(transform(p.grad.float()))
+            p.grad = None
+        return hook
+
+    try:
+        for t in targets:
+            t.param.requires_grad_(True)
+            handles.append(t.param.register_post_accumulate_grad_hook(make_hook(t.name)))
+        yield acc
+    finally:
+        for h in handles:
+            h.remove()
+        for t in targets:
+            t.param.requires_grad_(False)
+            t.param.grad = None
+
+
+@register("grad_x_weight")
+def grad_x_weight(model, targets, windows, batch_size) -> Scores:
+    n_tokens = windows.shape[0] * (windows.shape[1] - 1)
+    device = targets[0].param.device
+    with grad_accumulators(targets, lambda g: g) as acc:
+        for batch in batches(windows, batch_size, device, "grad_x_weight"):
+            (nll_sum(model, batch) / n_tokens).backward()
+    return {t.name: (t.param.detach().float() * acc[t.name]).abs_() for t in targets}
+
+
+@register("grad_squared")
+def grad_squared(model, targets, windows, batch_size) -> Scores:
+    n_predicted = windows.shape[1] - 1
+    device = targets[0].param.device
+    with grad_accumulators(targets, lambda g: g.square()) as acc:
+        for window in batches(windows, 1, device, "grad_squared"):
+            (nll_sum(model, window) / n_predicted).backward()
+    return {name: a.div_(len(windows)) for name, a in acc.items()}
+
+
+@register("magnitude")
+def magnitude(model, targets, windows, batch_size) -> Scores:
+    return {t.name: t.param.detach().float().abs() for t in targets}
+
+
+@register("act_mag")
+def act_mag(model, targets, windows, batch_size) -> Scores:
+    device = targets[0].param.device
+    # One fp32 vector per use: sum over tokens of x_j^2 (or token counts for embeddings).
+    sumsq: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+    batch_shape: list[torch.Size] = []  # shape of the input_ids of the forward in progress
+
+    def make_hook(key: tuple[str, int], kind: str, size: int):
+        def hook(module, inputs, output) -> None:
+            x = inputs[0]
+            if kind == "embedding":
+                # An index tensor broadcast over the batch (GPT-2 position ids [1, L]) is read by
+                # every window: count it once per token of the batch, not once per forward call.
+                x = _broadcast_ids(x, batch_shape[-1])
+                v = torch.bincount(x.flatten(), minlength=size).float()
+            else:
+                v = x.detach().float().square().sum(dim=tuple(range(x.ndim - 1)))
+            sumsq[key].add_(v)
+        return hook
+
+    try:
+        for t in targets:
+            for i, use in enumerate(t.uses):
+                key = (t.name, i)
+                sumsq[key] = torch.zeros(t.shape[use.in_axis], dtype=torch.float32, device=t.param.device)
+                handles.append(use.module.register_forward_hook(make_hook(key, use.kind, t.shape[use.in_axis])))
+        with torch.no_grad():
+            for batch in batches(windows, batch_size, device, "act_mag"):
+                batch_shape.append(batch.shape)
+                model(input_ids=batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    out: Scores = {}
+    for t in targets:
+        w = t.param.detach().float().abs()
+        total = torch.zeros_like(w)
+        for i, use in enumerate(t.uses):
+            norm = sumsq[(t.name, i)].sqrt()
+            total += w * (norm[None, :] if use.in_axis == 1 else norm[:, None])
+        out[t.name] = total
+    return out
+
+
+def _broadcast_ids(ids: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``ids`` expanded to the batch ``shape`` when it broadcasts to it (else unchanged)."""
+    try:
+        if ids.shape != shape and torch.broadcast_shapes(ids.shape, shape) == shape:
+            return ids.expand(shape)
+    except RuntimeError:
+        pass
+    return ids

