@@ -71,7 +71,7 @@ def _fmt(x) -> str:
     if x is None:
         return "n/a"
     if isinstance(x, float):
-        return f"{x:.4f}" if abs(x) < 1e6 else f"{x:.4e}"
+        return f"{x:.4f}" if abs(x) < 1e5 else f"{x:.4e}"
     return str(x)
 
 
@@ -79,12 +79,12 @@ def summary_table(cfg: RunConfig, result, perturbation: dict | None, top_rows: l
     lines = [f"ESA summary  model={cfg.model}  metric={cfg.metric}  mode={cfg.mode}  k={cfg.topk}  "
              f"seed={result.seed}  perturb={cfg.perturb or 'none'}"]
     if perturbation is not None:
-        lines.append(f"{'condition':<12}{'weights':>10}{'PPL':>14}{'dPPL':>14}{'ratio':>10}")
+        lines.append(f"{'condition':<12} {'perturbed':>10} {'PPL':>12} {'dPPL':>12} {'ratio':>12}")
         base = perturbation["baseline"]
-        lines.append(f"{'baseline':<12}{'-':>10}{_fmt(base['ppl']):>14}{'-':>14}{'1.0000':>10}")
+        lines.append(f"{'baseline':<12} {'-':>10} {_fmt(base['ppl']):>12} {'-':>12} {'1.0000':>12}")
         for name, c in perturbation["conditions"].items():
-            lines.append(f"{name:<12}{c['n_perturbed']:>10}{_fmt(c.get('ppl')):>14}"
-                         f"{_fmt(c.get('delta_ppl')):>14}{_fmt(c.get('ratio')):>10}")
+            lines.append(f"{name:<12} {c['n_perturbed']:>10} {_fmt(c.get('ppl')):>12} "
+                         f"{_fmt(c.get('delta_ppl')):>12} {_fmt(c.get('ratio')):>12}")
     else:
         lines.append("(no --perturb given: scores and Top-K only)")
     lines.append("top-5 weights:")

@@ -1,0 +1,187 @@
+"""The command line: every flag exists, aliases normalise, bad input -> one line + exit 2, manifests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import esa.pipeline
+import esa_runner
+from tests.realmodels import REPO, WIKITEXT, tiny_model_dir
+
+FLAGS = ["--model", "-m", "--device", "--dtype", "--metric", "--mode", "--topk", "--perturb", "--perturb-scale",
+         "--perturb-prob", "--controls", "--seeds", "--stability-check", "--data-file", "--dataset",
+         "--max-samples", "--eval-samples", "--max-length", "--batch-size", "--include", "--exclude",
+         "--out-dir", "--save-plots", "--verbose"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(tiny_model_dir(tmp_path_factory.mktemp("tiny")))
+
+
+def small_args(tiny: str, out) -> list[str]:
+    return ["--model", tiny, "--device", "cpu", "--dtype", "fp32", "--data-file", str(WIKITEXT),
+            "--max-length", "32", "--max-samples", "4", "--eval-samples", "4", "--topk", "3",
+            "--out-dir", str(out)]
+
+
+@pytest.mark.parametrize("script", ["esa_runner.py", "phase1_runner_enhanced.py"])
+def test_help_shows_every_flag(script):
+    out = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, check=True)
+    for flag in FLAGS:
+        assert flag in out.stdout, flag
+    assert "default: cuda" in out.stdout  # the help says what the default device is
+
+
+def test_shim_runs_the_same_main():
+    src = (REPO / "phase1_runner_enhanced.py").read_text()
+    assert "esa_runner.main()" in src
+    out = subprocess.run([sys.executable, "phase1_runner_enhanced.py", "--topk", "0"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --topk must be a positive integer, got 0"
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--topk", "0"], "--topk must be a positive"),
+    (["--topk", "-5"], "--topk must be a positive"),
+    (["--seeds", "1,x"], "--seeds must be"),
+    (["--seeds", "1,1"], "duplicates"),
+    (["--controls", "random_k,foo"], "unknown control 'foo'"),
+    (["--metric", "nope"], "unknown --metric"),
+    (["--metric", "hutchinson_diag"], "not implemented yet"),
+    (["--metric", "hessian_diag"], "not implemented yet"),
+    (["--perturb", "bit_flip"], "not implemented yet"),
+    (["--data-file", "/no/such/file.txt"], "does not exist"),
+    (["--perturb-prob", "0"], "--perturb-prob"),
+    (["--include", "("], "not a valid regular expression"),
+    (["--mode", "sideways"], "invalid choice"),
+])
+def test_bad_flags_one_line_exit_2(argv, needle, capsys):
+    assert esa_runner.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in _one_error_line(err)
+
+
+def test_empty_data_file(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert esa_runner.main(["--data-file", str(empty)]) == 2
+    assert "is empty" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_explicit_cuda_without_cuda_is_an_error(tiny, tmp_path, capsys):
+    argv = small_args(tiny, tmp_path / "o") + ["--device", "cuda"]
+    assert esa_runner.main(argv) == 2
+    assert "CUDA is not available" in _one_error_line(capsys.readouterr().err)
+
+
+def test_bad_inputs_after_loading(tiny, tmp_path, capsys):
+    cases = [
+        (["--model", str(tmp_path / "no-such-model")], "does not exist"),
+        (["--topk", "100000"], "too large"),
+        (["--out-dir", str(tmp_path / "file.txt" / "sub")], "not writable"),
+        (["--max-samples", "100000"], "too little text"),
+        (["--include", "no_such_parameter_name"], "no target weights"),
+    ]
+    (tmp_path / "file.txt").write_text("x")
+    for extra, needle in cases:
+        assert esa_runner.main(small_args(tiny, tmp_path / "o") + extra) == 2, extra
+        assert needle in _one_error_line(capsys.readouterr().err), extra
+
+
+def test_verbose_shows_the_traceback(capsys):
+    assert esa_runner.main(["--topk", "0", "--verbose"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_aliases_are_canonical_in_config(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = small_args(tiny, out) + ["--metric", "activation_magnitude", "--perturb", "gaussian",
+                                    "--perturb-scale", "0.5"]
+    assert esa_runner.main(argv) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["metric"] == "act_mag"
+    assert cfg["config"]["perturb"] == "gauss_noise"
+    res = json.loads((out / "perturbation_results.json").read_text())
+    assert set(res["conditions"]) == {"top_k", "random_k", "bottom_k"}
+
+
+def test_full_run_writes_every_output(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert esa_runner.main(small_args(tiny, out) + ["--perturb", "zero", "--seeds", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "baseline" in printed and "top_k" in printed and "top-5 weights" in printed
+    for name in ("config.json", "experiment_manifest.json", "top_weights.csv", "sensitivity_stats.json",
+                 "perturbation_results.json"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "experiment_manifest.json").read_text())
+    assert manifest["status"] == "success" and manifest["error"] is None
+    assert {"load_model", "scoring", "evaluation"} <= set(manifest["timings_s"])
+    assert manifest["peak_memory"]["rss_peak_mb"] > 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["resolved"] == {**cfg["resolved"], "device": "cpu", "dtype": "fp32"}
+    assert cfg["data"]["bos_policy"]["policy"] in ("none", "prepend_bos")
+    assert cfg["data"]["data_source"].startswith("file:")
+    assert cfg["versions"]["torch"]
+    rows = (out / "top_weights.csv").read_text().splitlines()
+    assert rows[0] == "rank,parameter,index,coords,score,seed"
+    n_targets = cfg["targets"]["count"]
+    assert len(rows) - 1 == 3 * n_targets  # per_layer: k per target tensor
+    assert all(r.endswith(",5") for r in rows[1:])
+    res = json.loads((out / "perturbation_results.json").read_text())
+    for cond in res["conditions"].values():
+        assert cond["n_selected"] == cond["n_perturbed"] == 3 * n_targets
+        assert cond["ratio"] == pytest.approx(cond["ppl"] / res["baseline"]["ppl"])
+    stats = json.loads((out / "sensitivity_stats.json").read_text())["tensors"]
+    assert len(stats) == n_targets
+    one = next(iter(stats.values()))
+    assert {"count", "mean", "std", "min", "max", "p50", "p95", "p99", "p99.9", "top_share"} <= set(one)
+
+
+def test_auto_named_out_dir(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in small_args(tiny, "x") if a not in ("--out-dir", "x")]
+    assert esa_runner.main(argv) == 0
+    made = list((tmp_path / "outputs").iterdir())
+    assert len(made) == 1 and "grad_x_weight_per_layer_k3" in made[0].name
+
+
+def test_crash_leaves_failed_manifest(tiny, tmp_path, monkeypatch, capsys):
+    def boom(*a, **k):
+        raise RuntimeError("synthetic failure")
+    monkeypatch.setattr(esa.pipeline, "compute_scores", boom)
+    out = tmp_path / "run"
+    assert esa_runner.main(small_args(tiny, out)) == 1
+    assert "synthetic failure" in _one_error_line(capsys.readouterr().err)
+    manifest = json.loads((out / "experiment_manifest.json").read_text())
+    assert manifest["status"] == "failed" and "synthetic failure" in manifest["error"]
+
+
+def test_ctrl_c_leaves_interrupted_manifest(tiny, tmp_path, monkeypatch, capsys):
+    real = esa.pipeline.perplexity
+    calls = []
+
+    def interrupt_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(esa.pipeline, "perplexity", interrupt_second)
+    out = tmp_path / "run"
+    assert esa_runner.main(small_args(tiny, out) + ["--perturb", "sign_flip"]) == 130
+    manifest = json.loads((out / "experiment_manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
