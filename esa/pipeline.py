@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esa import models, outputs, report, selection
+from esa import models, outputs, plots, report, selection
 from esa.config import RunConfig, UsageError
 from esa.data import TokenData, load_data
 from esa.evaluate import NaNLossError, perplexity
@@ -141,6 +141,10 @@ def run(cfg: RunConfig) -> dict:
             perturbation = evaluate_conditions(cfg, model, targets, data, results[0], manifest)
             outputs.write_json(out_dir / "perturbation_results.json", perturbation)
             manifest.add_file("perturbation_results.json")
+        if cfg.save_plots:
+            with manifest.phase("plots"):
+                for path in plots.make_plots(out_dir):
+                    manifest.add_file(str(path.relative_to(out_dir)))
         summary = report.summary_table(cfg, results[0], perturbation, rows[:5], out_dir)
         print(summary, flush=True)
         manifest.finish("success")

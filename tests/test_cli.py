@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import matplotlib.image
 import pytest
 import torch
 
@@ -122,7 +123,7 @@ def test_aliases_are_canonical_in_config(tiny, tmp_path, capsys):
 
 def test_full_run_writes_every_output(tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    assert esa_runner.main(small_args(tiny, out) + ["--perturb", "zero", "--seeds", "5"]) == 0
+    assert esa_runner.main(small_args(tiny, out) + ["--perturb", "zero", "--seeds", "5", "--save-plots"]) == 0
     printed = capsys.readouterr().out
     assert "baseline" in printed and "top_k" in printed and "top-5 weights" in printed
     for name in ("config.json", "experiment_manifest.json", "top_weights.csv", "sensitivity_stats.json",
@@ -130,6 +131,10 @@ def test_full_run_writes_every_output(tiny, tmp_path, capsys):
         assert (out / name).is_file(), name
     manifest = json.loads((out / "experiment_manifest.json").read_text())
     assert manifest["status"] == "success" and manifest["error"] is None
+    for png in ("plots/topk_locations.png", "plots/perturbation_effect.png"):
+        assert png in manifest["files"]
+        pixels = matplotlib.image.imread(out / png)
+        assert (out / png).stat().st_size > 5000 and pixels.std() > 0.05, png
     assert {"load_model", "scoring", "evaluation"} <= set(manifest["timings_s"])
     assert manifest["peak_memory"]["rss_peak_mb"] > 0
     cfg = json.loads((out / "config.json").read_text())
