@@ -58,13 +58,15 @@ def perturbed(targets: dict[str, Target], selection: Selection, kind: str, scale
               gen: torch.Generator) -> Iterator[dict]:
     """Perturb ``selection`` in place for the duration of the ``with`` block; always restore.
 
-    Yields ``{"n_selected": int, "n_perturbed": int}``.
+    Yields ``{"n_selected", "n_perturbed", "n_changed"}``: ``n_changed`` counts weights whose value
+    really changed (sign-flipping or zeroing a weight that is exactly 0 changes nothing; a control
+    made of such weights must be visible as a no-op, not mistaken for a robust one).
     """
     if kind not in PERTURBATIONS:
         raise NotImplementedError(f"perturbation {kind} is not implemented yet")
     fn = PERTURBATIONS[kind]
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    info = {"n_selected": selection.size, "n_perturbed": 0}
+    info = {"n_selected": selection.size, "n_perturbed": 0, "n_changed": 0}
     try:
         with torch.no_grad():
             for name, idx in selection.indices.items():
@@ -76,8 +78,10 @@ def perturbed(targets: dict[str, Target], selection: Selection, kind: str, scale
                 idx = idx.to(flat.device)
                 original = flat[idx].clone()
                 saved.append((flat, idx, original))  # saved before writing: restore covers a crash
-                flat[idx] = fn(original, scale, gen)
+                new = fn(original, scale, gen)
+                flat[idx] = new
                 info["n_perturbed"] += len(idx)
+                info["n_changed"] += int((new != original).sum())
         yield info
     finally:
         with torch.no_grad():

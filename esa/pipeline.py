@@ -88,6 +88,9 @@ def evaluate_conditions(cfg: RunConfig, model, targets: list[Target], data: Toke
                     log.error("%s: %s (reported, not a number)", name, exc)
                     row = {"ppl": None, "error": str(exc)}
             conditions[name] = {**row, **info}
+            if info["n_changed"] < info["n_perturbed"]:
+                log.warning("%s: only %d of %d perturbed weights changed value (the others are exactly 0, "
+                            "which %s leaves unchanged)", name, info["n_changed"], info["n_perturbed"], cfg.perturb)
             log.info("%s: perplexity %s (%d weights perturbed)", name, row.get("ppl"), info["n_perturbed"])
     return {"seed": result.seed, "metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk,
             "perturb": cfg.perturb, "perturb_scale": cfg.perturb_scale, "perturb_prob": cfg.perturb_prob,

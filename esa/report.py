@@ -79,11 +79,11 @@ def summary_table(cfg: RunConfig, result, perturbation: dict | None, top_rows: l
     lines = [f"ESA summary  model={cfg.model}  metric={cfg.metric}  mode={cfg.mode}  k={cfg.topk}  "
              f"seed={result.seed}  perturb={cfg.perturb or 'none'}"]
     if perturbation is not None:
-        lines.append(f"{'condition':<12} {'perturbed':>10} {'PPL':>12} {'dPPL':>12} {'ratio':>12}")
+        lines.append(f"{'condition':<12} {'perturbed':>10} {'changed':>10} {'PPL':>12} {'dPPL':>12} {'ratio':>12}")
         base = perturbation["baseline"]
-        lines.append(f"{'baseline':<12} {'-':>10} {_fmt(base['ppl']):>12} {'-':>12} {'1.0000':>12}")
+        lines.append(f"{'baseline':<12} {'-':>10} {'-':>10} {_fmt(base['ppl']):>12} {'-':>12} {'1.0000':>12}")
         for name, c in perturbation["conditions"].items():
-            lines.append(f"{name:<12} {c['n_perturbed']:>10} {_fmt(c.get('ppl')):>12} "
+            lines.append(f"{name:<12} {c['n_perturbed']:>10} {c['n_changed']:>10} {_fmt(c.get('ppl')):>12} "
                          f"{_fmt(c.get('delta_ppl')):>12} {_fmt(c.get('ratio')):>12}")
     else:
         lines.append("(no --perturb given: scores and Top-K only)")

@@ -150,6 +150,7 @@ def test_full_run_writes_every_output(tiny, tmp_path, capsys):
     res = json.loads((out / "perturbation_results.json").read_text())
     for cond in res["conditions"].values():
         assert cond["n_selected"] == cond["n_perturbed"] == 3 * n_targets
+        assert 0 <= cond["n_changed"] <= cond["n_perturbed"]
         assert cond["ratio"] == pytest.approx(cond["ppl"] / res["baseline"]["ppl"])
     stats = json.loads((out / "sensitivity_stats.json").read_text())["tensors"]
     assert len(stats) == n_targets

@@ -71,7 +71,7 @@ def test_only_selected_weights_change(setup, kind, scale):
     h0 = state_hash(model)
     mask = selected_mask(model, sel)
     with perturbed(targets, sel, kind, scale, 1.0, torch.Generator().manual_seed(0)) as info:
-        assert info == {"n_selected": 60, "n_perturbed": 60}
+        assert info == {"n_selected": 60, "n_perturbed": 60, "n_changed": 60}
         n_changed = 0
         for n, p in model.named_parameters():
             changed = p != before[n]
@@ -195,7 +195,7 @@ def test_perturb_prob_half(setup):
     info, changed = run(0)
     n_changed = sum(int(c.sum()) for c in changed.values())
     assert info["n_selected"] == 600
-    assert info["n_perturbed"] == n_changed
+    assert info["n_perturbed"] == info["n_changed"] == n_changed
     assert abs(n_changed - 300) < 4 * (600 * 0.25) ** 0.5  # binomial(600, 0.5), 4 sigma
     for n, c in changed.items():
         assert not (c & ~mask[n]).any()  # only selected weights may change
@@ -212,7 +212,7 @@ def test_empty_selection_is_noop(setup):
     sel = Selection("top_k", {SELECTED[0]: torch.tensor([], dtype=torch.long)}, {SELECTED[0]: torch.tensor([])})
     h0 = state_hash(model)
     with perturbed(targets, sel, "zero", 1.0, 1.0, torch.Generator().manual_seed(0)) as info:
-        assert info == {"n_selected": 0, "n_perturbed": 0}
+        assert info == {"n_selected": 0, "n_perturbed": 0, "n_changed": 0}
         assert state_hash(model) == h0
     assert state_hash(model) == h0
 
@@ -241,3 +241,15 @@ def test_perturbation_changes_model_output(gpt2, windows):
         after = gpt2(input_ids=windows, use_cache=False).logits
     assert not torch.allclose(ref, pert)
     assert torch.equal(ref, after)
+
+
+def test_zero_valued_weights_are_reported_as_unchanged(setup):
+    """A control made of exact zeros must show up as a no-op (n_changed), not as a robust weight."""
+    model, targets = setup
+    sel = make_selection(model)
+    name, idx = next(iter(sel.indices.items()))
+    with torch.no_grad():
+        targets[name].param.view(-1)[idx[:3]] = 0.0
+    for kind in ("zero", "sign_flip"):
+        with perturbed(targets, sel, kind, 1.0, 1.0, torch.Generator().manual_seed(0)) as info:
+            assert info["n_perturbed"] == 60 and info["n_changed"] == 57, kind
