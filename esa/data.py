@@ -45,12 +45,15 @@ class TokenData:
     data_source: str
     bos_policy: dict
 
-    def calibration(self, rng: np.random.Generator, n: int) -> torch.Tensor:
-        """``n`` calibration windows drawn by ``rng`` without replacement from the pool, in pool order."""
+    def calibration_indices(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """Pool indices of ``n`` windows drawn by ``rng`` without replacement, sorted."""
         if n > len(self.calib_pool):
             raise UsageError(f"too little calibration text: need {n} windows, pool has {len(self.calib_pool)}")
-        idx = np.sort(rng.choice(len(self.calib_pool), size=n, replace=False))
-        return self.calib_pool[torch.from_numpy(idx)]
+        return np.sort(rng.choice(len(self.calib_pool), size=n, replace=False))
+
+    def calibration(self, rng: np.random.Generator, n: int) -> torch.Tensor:
+        """``n`` calibration windows ``[n, L]`` drawn by ``rng`` without replacement, in pool order."""
+        return self.calib_pool[torch.from_numpy(self.calibration_indices(rng, n))]
 
 
 def bos_policy(tokenizer) -> dict:

@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import re
 import time
@@ -14,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esa import models, outputs, plots, report, selection
+from esa import models, outputs, plots, report, selection, significance
 from esa.config import RunConfig, UsageError
 from esa.data import TokenData, load_data
 from esa.evaluate import NaNLossError, perplexity
@@ -22,6 +25,7 @@ from esa.outputs import Manifest, check_writable
 from esa.perturb import perturbed
 from esa.seeding import numpy_rng, torch_generator
 from esa.sensitivity import compute_scores
+from esa.stability import stability_summary
 from esa.stats import all_stats
 from esa.targets import Target, find_targets
 
@@ -35,7 +39,20 @@ class SeedResult:
     seed: int
     top: selection.Selection
     controls: dict[str, selection.Selection]
-    n_calibration_windows: int
+    calibration_windows: list[int]  # pool indices of the windows this seed scored on
+
+
+def release_memory() -> None:
+    """Give freed score buffers back to the OS between seeds.
+
+    Without this, glibc keeps the freed heap of one seed's fp32 scores fragmented and the next
+    seed's allocations grow the peak RSS although the live memory is the same.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
@@ -49,7 +66,8 @@ def default_out_dir(cfg: RunConfig) -> Path:
 def score_seed(cfg: RunConfig, seed: int, model, targets: list[Target], data: TokenData,
                out_dir: Path, manifest: Manifest, write_stats: bool) -> SeedResult:
     """Score with this seed's calibration windows, select Top-K and controls, drop the scores."""
-    windows = data.calibration(numpy_rng(seed, "calibration"), cfg.max_samples)
+    chosen = data.calibration_indices(numpy_rng(seed, "calibration"), cfg.max_samples)
+    windows = data.calib_pool[torch.from_numpy(chosen)]
     names = [t.name for t in targets]
     log.info("seed %d: scoring %d target tensors with %s on %d calibration windows", seed, len(targets),
              cfg.metric, len(windows))
@@ -65,18 +83,26 @@ def score_seed(cfg: RunConfig, seed: int, model, targets: list[Target], data: To
             stats = all_stats(scores, {t.name: t.shape for t in targets})
         outputs.write_json(out_dir / "sensitivity_stats.json", {"metric": cfg.metric, "seed": seed, "tensors": stats})
         manifest.add_file("sensitivity_stats.json")
-    del scores
-    return SeedResult(seed, top, controls, len(windows))
+    del scores  # only the selections outlive this function: memory stays flat in the number of seeds
+    release_memory()
+    return SeedResult(seed, top, controls, chosen.tolist())
 
 
-def evaluate_conditions(cfg: RunConfig, model, targets: list[Target], data: TokenData, result: SeedResult,
-                        manifest: Manifest) -> dict:
-    """Baseline perplexity once, then each condition perturbed in place and restored."""
-    by_name = {t.name: t for t in targets}
+def baseline_perplexity(cfg: RunConfig, model, data: TokenData, manifest: Manifest) -> dict:
     with manifest.phase("evaluation"):
         log.info("baseline perplexity on %d evaluation windows", len(data.eval_windows))
         base = perplexity(model, data.eval_windows, cfg.batch_size)
-        log.info("baseline perplexity %.4f", base["ppl"])
+    log.info("baseline perplexity %.4f", base["ppl"])
+    return base
+
+
+def evaluate_conditions(cfg: RunConfig, model, targets: list[Target], data: TokenData, result: SeedResult,
+                        manifest: Manifest, base: dict | None = None) -> dict:
+    """Each condition of one seed perturbed in place, evaluated and restored (baseline if not given)."""
+    by_name = {t.name: t for t in targets}
+    if base is None:
+        base = baseline_perplexity(cfg, model, data, manifest)
+    with manifest.phase("evaluation"):
         conditions = {}
         for name, sel in [("top_k", result.top), *result.controls.items()]:
             gen = torch_generator(result.seed, f"perturb:{name}")
@@ -91,10 +117,25 @@ def evaluate_conditions(cfg: RunConfig, model, targets: list[Target], data: Toke
             if info["n_changed"] < info["n_perturbed"]:
                 log.warning("%s: only %d of %d perturbed weights changed value (the others are exactly 0, "
                             "which %s leaves unchanged)", name, info["n_changed"], info["n_perturbed"], cfg.perturb)
-            log.info("%s: perplexity %s (%d weights perturbed)", name, row.get("ppl"), info["n_perturbed"])
-    return {"seed": result.seed, "metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk,
-            "perturb": cfg.perturb, "perturb_scale": cfg.perturb_scale, "perturb_prob": cfg.perturb_prob,
-            "eval_windows": len(data.eval_windows), "baseline": base, "conditions": conditions}
+            log.info("seed %d %s: perplexity %s (%d weights perturbed)", result.seed, name, row.get("ppl"),
+                     info["n_perturbed"])
+    return {"seed": result.seed, "baseline": base, "conditions": conditions}
+
+
+def perturbation_results(cfg: RunConfig, data: TokenData, blocks: list[dict]) -> dict:
+    """The primary seed's block where single-seed users expect it, every seed's, and statistics.
+
+    ``summary`` and ``tests`` exist only with >= 2 seeds (absent, never zero, otherwise).
+    """
+    per_seed = {str(b["seed"]): b["conditions"] for b in blocks}
+    out = {"seed": blocks[0]["seed"], "metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk,
+           "perturb": cfg.perturb, "perturb_scale": cfg.perturb_scale, "perturb_prob": cfg.perturb_prob,
+           "eval_windows": len(data.eval_windows), "baseline": blocks[0]["baseline"],
+           "conditions": blocks[0]["conditions"], "seeds": [b["seed"] for b in blocks], "per_seed": per_seed}
+    if len(blocks) >= 2:
+        out["summary"] = significance.condition_summary(per_seed)
+        out["tests"] = significance.top_vs_controls(per_seed)
+    return out
 
 
 def write_top_weights(out_dir: Path, results: list[SeedResult], targets: list[Target]) -> list[list]:
@@ -120,11 +161,8 @@ def run(cfg: RunConfig) -> dict:
     for w in choice.warnings:
         log.warning(w)
     seeds = cfg.seeds
-    if len(seeds) > 1:
-        log.warning("the multi-seed loop is not implemented yet: only the first seed (%d) runs", seeds[0])
-        seeds = seeds[:1]
-    if cfg.stability_check:
-        log.warning("--stability-check is not implemented yet: no stability_summary.json is written")
+    if cfg.stability_check and len(seeds) < 2:
+        log.warning("--stability-check needs at least two --seeds: no stability_summary.json is written")
     manifest = Manifest(out_dir)
     try:
         with manifest.phase("load_model"):
@@ -139,16 +177,25 @@ def run(cfg: RunConfig) -> dict:
                    for i, s in enumerate(seeds)]
         rows = write_top_weights(out_dir, results, targets)
         manifest.add_file("top_weights.csv")
+        manifest.data["calibration_windows"] = {str(r.seed): r.calibration_windows for r in results}
+        stab = None
+        if cfg.stability_check and len(results) >= 2:
+            stab = stability_summary([r.top for r in results], list(seeds), cfg.topk, cfg.metric, cfg.mode)
+            outputs.write_json(out_dir / "stability_summary.json", stab)
+            manifest.add_file("stability_summary.json")
+            log.info("Mean Jaccard overlap: %.3f", stab["jaccard_mean"])
         perturbation = None
         if cfg.perturb:
-            perturbation = evaluate_conditions(cfg, model, targets, data, results[0], manifest)
+            base = baseline_perplexity(cfg, model, data, manifest)
+            blocks = [evaluate_conditions(cfg, model, targets, data, r, manifest, base) for r in results]
+            perturbation = perturbation_results(cfg, data, blocks)
             outputs.write_json(out_dir / "perturbation_results.json", perturbation)
             manifest.add_file("perturbation_results.json")
         if cfg.save_plots:
             with manifest.phase("plots"):
                 for path in plots.make_plots(out_dir):
                     manifest.add_file(str(path.relative_to(out_dir)))
-        summary = report.summary_table(cfg, results[0], perturbation, rows[:5], out_dir)
+        summary = report.summary_table(cfg, perturbation, stab, rows[:5], out_dir)
         print(summary, flush=True)
         manifest.finish("success")
         return {"out_dir": str(out_dir), "perturbation": perturbation}

@@ -70,24 +70,47 @@ def write_config(out_dir: Path, cfg: RunConfig, choice: models.DeviceChoice, mod
 def _fmt(x) -> str:
     if x is None:
         return "n/a"
+    if isinstance(x, float) and 0 < abs(x) < 1e-3:
+        return f"{x:.2e}"
     if isinstance(x, float):
         return f"{x:.4f}" if abs(x) < 1e5 else f"{x:.4e}"
     return str(x)
 
 
-def summary_table(cfg: RunConfig, result, perturbation: dict | None, top_rows: list[list], out_dir: Path) -> str:
+def _pm(d: dict | None) -> str:
+    return "n/a" if not d else f"{_fmt(d['mean'])} ± {_fmt(d['std'])}"
+
+
+def summary_table(cfg: RunConfig, perturbation: dict | None, stability: dict | None, top_rows: list[list],
+                  out_dir: Path) -> str:
+    """The end-of-run table: baseline and each condition (primary seed), then mean ± std across seeds
+    with Welch p-values of Top-K vs each control, the Jaccard stability and the top-5 weights."""
     lines = [f"ESA summary  model={cfg.model}  metric={cfg.metric}  mode={cfg.mode}  k={cfg.topk}  "
-             f"seed={result.seed}  perturb={cfg.perturb or 'none'}"]
+             f"seeds={','.join(map(str, cfg.seeds))}  perturb={cfg.perturb or 'none'}"]
     if perturbation is not None:
+        lines.append(f"primary seed {perturbation['seed']}:")
         lines.append(f"{'condition':<12} {'perturbed':>10} {'changed':>10} {'PPL':>12} {'dPPL':>12} {'ratio':>12}")
         base = perturbation["baseline"]
         lines.append(f"{'baseline':<12} {'-':>10} {'-':>10} {_fmt(base['ppl']):>12} {'-':>12} {'1.0000':>12}")
         for name, c in perturbation["conditions"].items():
             lines.append(f"{name:<12} {c['n_perturbed']:>10} {c['n_changed']:>10} {_fmt(c.get('ppl')):>12} "
                          f"{_fmt(c.get('delta_ppl')):>12} {_fmt(c.get('ratio')):>12}")
+        if "summary" in perturbation:
+            lines.append(f"across {len(perturbation['seeds'])} seeds (mean ± sample std; Welch t-test vs top_k):")
+            lines.append(f"{'condition':<12} {'dPPL':>28} {'ratio':>28} {'p(dPPL)':>10} {'Cohen d':>9} "
+                         f"{'p(log ratio)':>13}")
+            for name, c in perturbation["summary"].items():
+                t = perturbation["tests"].get(f"top_k_vs_{name}")
+                p_log = _fmt(t["log_ratio"].get("p_value")) if t else "-"
+                lines.append(f"{name:<12} {_pm(c.get('delta_ppl')):>28} {_pm(c.get('ratio')):>28} "
+                             f"{_fmt(t.get('p_value')) if t else '-':>10} {_fmt(t.get('cohens_d')) if t else '-':>9} "
+                             f"{p_log:>13}")
     else:
         lines.append("(no --perturb given: scores and Top-K only)")
-    lines.append("top-5 weights:")
+    if stability is not None:
+        lines.append(f"Top-K stability: mean Jaccard {stability['jaccard_mean']:.3f} "
+                     f"(consecutive pairs {', '.join(f'{j:.3f}' for j in stability['jaccard_all'])})")
+    lines.append("top-5 weights (primary seed):")
     lines.append(f"{'rank':>5}  {'parameter':<48}{'coords':>14}{'score':>16}")
     for rank, name, _idx, coords, score, _seed in top_rows:
         lines.append(f"{rank:>5}  {name:<48}{'(' + coords + ')':>14}{score:>16}")

@@ -91,7 +91,8 @@ def grad_x_weight(model, targets, windows, batch_size) -> Scores:
     with grad_accumulators(targets, lambda g: g) as acc:
         for batch in batches(windows, batch_size, device, "grad_x_weight"):
             (nll_sum(model, batch) / n_tokens).backward()
-    return {t.name: (t.param.detach().float() * acc[t.name]).abs_() for t in targets}
+    # in place: the fp32 accumulator becomes the score, so no second model-sized buffer is made
+    return {t.name: acc[t.name].mul_(t.param.detach()).abs_() for t in targets}
 
 
 @register("grad_squared")
