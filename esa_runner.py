@@ -38,7 +38,10 @@ log = logging.getLogger("esa")
 
 METRIC_HELP = ("grad_x_weight = |w * dL/dw| (first-order Taylor); grad_squared = empirical Fisher "
                "diagonal, mean over windows of the per-window gradient squared; magnitude = |w|; "
-               "act_mag = |w_ij| * ||x_j||_2 (Wanda); hessian_diag and hutchinson_diag are not implemented yet")
+               "act_mag = |w_ij| * ||x_j||_2 (Wanda); hessian_diag = Gauss-Newton (true Fisher) diagonal "
+               "(1/N) sum_t J_t^T (diag p_t - p_t p_t^T) J_t, estimated with labels sampled from the model "
+               "(--curvature-samples per window); hutchinson_diag = |mean_z z*(Hz)|, Rademacher probes "
+               "(--hutchinson-samples), H = Hessian of the mean token loss")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -82,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=MODES, default="per_layer",
                    help="per_layer: k highest scores in each target tensor; global: k highest overall")
     g.add_argument("--topk", type=int, default=100, help="k")
+    g.add_argument("--hutchinson-samples", type=int, default=16,
+                   help="Rademacher probes for hutchinson_diag (one Hessian-vector product each)")
+    g.add_argument("--curvature-samples", type=int, default=1,
+                   help="Monte-Carlo label draws per calibration window for hessian_diag")
     g.add_argument("--include", action="append", default=[], metavar="REGEX",
                    help="only parameters whose name matches (repeatable)")
     g.add_argument("--exclude", action="append", default=[], metavar="REGEX",
@@ -90,10 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--perturb", default=None,
                    help=f"perturb the Top-K and controls: {', '.join(PERTURBS)} (alias gaussian -> "
                         "gauss_noise); zero: w->0; sign_flip: w->-scale*w; gauss_noise: "
-                        "w+N(0,(scale*|w|)^2); bit_flip is not implemented yet. Omit to only score")
+                        "w+N(0,(scale*|w|)^2); bit_flip: XOR one bit of the stored weight. Omit to only score")
     g.add_argument("--perturb-scale", type=float, default=1.0, help="scale of sign_flip / gauss_noise")
     g.add_argument("--perturb-prob", type=float, default=1.0,
                    help="probability that each selected weight is perturbed (seeded)")
+    g.add_argument("--bit-index", type=int, default=None,
+                   help="bit flipped by bit_flip (0 = least significant; default: the most significant "
+                        "exponent bit: 30 for fp32, 14 for bf16/fp16)")
     g.add_argument("--controls", default="random_k,bottom_k",
                    help=f"comma list of {', '.join(CONTROLS)}, or 'none'")
     g = p.add_argument_group("seeds")
@@ -115,7 +125,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         metric=canonical(ns.metric, METRICS, METRIC_ALIASES, "--metric"),
         mode=ns.mode, topk=ns.topk,
         perturb=canonical(ns.perturb, PERTURBS, PERTURB_ALIASES, "--perturb") if ns.perturb else None,
-        perturb_scale=ns.perturb_scale, perturb_prob=ns.perturb_prob,
+        perturb_scale=ns.perturb_scale, perturb_prob=ns.perturb_prob, bit_index=ns.bit_index,
+        hutchinson_samples=ns.hutchinson_samples, curvature_samples=ns.curvature_samples,
         controls=parse_controls(ns.controls), seeds=parse_seeds(ns.seeds),
         stability_check=ns.stability_check, data_file=ns.data_file,
         dataset=canonical(ns.dataset, DATASETS, DATASET_ALIASES, "--dataset") if ns.dataset else None,

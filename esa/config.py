@@ -50,9 +50,6 @@ PERTURB_ALIASES = {
 }
 DATASET_ALIASES = {"wikitext-2": "wikitext2", "wikitext-103": "wikitext103"}
 
-# Implemented in later issues; selecting them must fail loudly, never fall back silently.
-NOT_IMPLEMENTED = {"hessian_diag", "hutchinson_diag", "bit_flip"}
-
 EMBEDDED_MODEL = "smollm2-135m"
 
 
@@ -119,6 +116,9 @@ class RunConfig:
     perturb: str | None = None
     perturb_scale: float = 1.0
     perturb_prob: float = 1.0
+    bit_index: int | None = None
+    hutchinson_samples: int = 16
+    curvature_samples: int = 1
     controls: tuple[str, ...] = ("random_k", "bottom_k")
     seeds: tuple[int, ...] = (0,)
     stability_check: bool = False
@@ -146,13 +146,13 @@ class RunConfig:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check everything that can be checked before the model loads; return the config."""
-    if cfg.metric in NOT_IMPLEMENTED:
-        raise UsageError(f"--metric {cfg.metric} is not implemented yet")
-    if cfg.perturb in NOT_IMPLEMENTED:
-        raise UsageError(f"--perturb {cfg.perturb} is not implemented yet")
     if cfg.topk <= 0:
         raise UsageError(f"--topk must be a positive integer, got {cfg.topk}")
-    for name in ("max_samples", "eval_samples", "batch_size"):
+    if cfg.bit_index is not None and cfg.perturb != "bit_flip":
+        raise UsageError("--bit-index only applies to --perturb bit_flip")
+    if cfg.bit_index is not None and not 0 <= cfg.bit_index < 32:
+        raise UsageError(f"--bit-index must be in 0..31 (0..15 for bf16/fp16), got {cfg.bit_index}")
+    for name in ("max_samples", "eval_samples", "batch_size", "hutchinson_samples", "curvature_samples"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.max_length < 2:

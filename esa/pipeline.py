@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import gc
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -22,9 +23,9 @@ from esa.config import RunConfig, UsageError
 from esa.data import TokenData, load_data
 from esa.evaluate import NaNLossError, perplexity
 from esa.outputs import Manifest, check_writable
-from esa.perturb import perturbed
+from esa.perturb import perturbed, resolve_bit
 from esa.seeding import numpy_rng, torch_generator
-from esa.sensitivity import compute_scores
+from esa.sensitivity import MetricContext, compute_scores
 from esa.stability import stability_summary
 from esa.stats import all_stats
 from esa.targets import Target, find_targets
@@ -71,8 +72,9 @@ def score_seed(cfg: RunConfig, seed: int, model, targets: list[Target], data: To
     names = [t.name for t in targets]
     log.info("seed %d: scoring %d target tensors with %s on %d calibration windows", seed, len(targets),
              cfg.metric, len(windows))
+    ctx = MetricContext(seed=seed, hutchinson_samples=cfg.hutchinson_samples, curvature_samples=cfg.curvature_samples)
     with manifest.phase("scoring"):
-        scores = compute_scores(cfg.metric, model, targets, windows, cfg.batch_size)
+        scores = compute_scores(cfg.metric, model, targets, windows, cfg.batch_size, ctx)
     with manifest.phase("selection"):
         need = 2 if "random_k" in cfg.controls else 1
         top = selection.top_k(scores, names, cfg.topk, cfg.mode, need=need)
@@ -81,6 +83,8 @@ def score_seed(cfg: RunConfig, seed: int, model, targets: list[Target], data: To
     if write_stats:
         with manifest.phase("stats"):
             stats = all_stats(scores, {t.name: t.shape for t in targets})
+            for name, extra in ctx.extra_stats.items():
+                stats[name].update(extra)
         outputs.write_json(out_dir / "sensitivity_stats.json", {"metric": cfg.metric, "seed": seed, "tensors": stats})
         manifest.add_file("sensitivity_stats.json")
     del scores  # only the selections outlive this function: memory stays flat in the number of seeds
@@ -106,13 +110,18 @@ def evaluate_conditions(cfg: RunConfig, model, targets: list[Target], data: Toke
         conditions = {}
         for name, sel in [("top_k", result.top), *result.controls.items()]:
             gen = torch_generator(result.seed, f"perturb:{name}")
-            with perturbed(by_name, sel, cfg.perturb, cfg.perturb_scale, cfg.perturb_prob, gen) as info:
+            with perturbed(by_name, sel, cfg.perturb, cfg.perturb_scale, cfg.perturb_prob, gen,
+                           cfg.bit_index) as info:
                 try:
                     ev = perplexity(model, data.eval_windows, cfg.batch_size)
                     row = {**ev, "delta_ppl": ev["ppl"] - base["ppl"], "ratio": ev["ppl"] / base["ppl"]}
-                except NaNLossError as exc:
-                    log.error("%s: %s (reported, not a number)", name, exc)
-                    row = {"ppl": None, "error": str(exc)}
+                except NaNLossError:
+                    # the perturbed model's loss is NaN (e.g. an exponent bit flip overflowed to inf):
+                    # the model no longer predicts anything, which is infinite perplexity, not a crash
+                    log.warning("seed %d %s: NaN loss after perturbation; perplexity reported as inf",
+                                result.seed, name)
+                    row = {"ppl": math.inf, "mean_nll": math.nan, "delta_ppl": math.inf, "ratio": math.inf,
+                           "non_finite_loss": "nan"}
             conditions[name] = {**row, **info}
             if info["n_changed"] < info["n_perturbed"]:
                 log.warning("%s: only %d of %d perturbed weights changed value (the others are exactly 0, "
@@ -122,7 +131,7 @@ def evaluate_conditions(cfg: RunConfig, model, targets: list[Target], data: Toke
     return {"seed": result.seed, "baseline": base, "conditions": conditions}
 
 
-def perturbation_results(cfg: RunConfig, data: TokenData, blocks: list[dict]) -> dict:
+def perturbation_results(cfg: RunConfig, data: TokenData, blocks: list[dict], bit_index: int | None) -> dict:
     """The primary seed's block where single-seed users expect it, every seed's, and statistics.
 
     ``summary`` and ``tests`` exist only with >= 2 seeds (absent, never zero, otherwise).
@@ -130,6 +139,7 @@ def perturbation_results(cfg: RunConfig, data: TokenData, blocks: list[dict]) ->
     per_seed = {str(b["seed"]): b["conditions"] for b in blocks}
     out = {"seed": blocks[0]["seed"], "metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk,
            "perturb": cfg.perturb, "perturb_scale": cfg.perturb_scale, "perturb_prob": cfg.perturb_prob,
+           "bit_index": bit_index,
            "eval_windows": len(data.eval_windows), "baseline": blocks[0]["baseline"],
            "conditions": blocks[0]["conditions"], "seeds": [b["seed"] for b in blocks], "per_seed": per_seed}
     if len(blocks) >= 2:
@@ -169,6 +179,8 @@ def run(cfg: RunConfig) -> dict:
             log.info("loading model %s on %s in %s", cfg.model, choice.device, choice.dtype)
             model, tok = models.load_model(cfg.model, choice.device, choice.dtype)
         targets = find_targets(model, cfg.include, cfg.exclude)
+        if cfg.perturb == "bit_flip":
+            resolve_bit(targets[0].param.dtype, cfg.bit_index)  # fail before hours of scoring
         with manifest.phase("load_data"):
             data = load_data(tok, cfg.data_file, cfg.dataset, cfg.max_length, cfg.eval_samples, cfg.max_samples)
         report.write_config(out_dir, cfg, choice, model, targets, data, seeds)
@@ -188,7 +200,8 @@ def run(cfg: RunConfig) -> dict:
         if cfg.perturb:
             base = baseline_perplexity(cfg, model, data, manifest)
             blocks = [evaluate_conditions(cfg, model, targets, data, r, manifest, base) for r in results]
-            perturbation = perturbation_results(cfg, data, blocks)
+            bit = resolve_bit(targets[0].param.dtype, cfg.bit_index) if cfg.perturb == "bit_flip" else None
+            perturbation = perturbation_results(cfg, data, blocks, bit)
             outputs.write_json(out_dir / "perturbation_results.json", perturbation)
             manifest.add_file("perturbation_results.json")
         if cfg.save_plots:

@@ -19,7 +19,9 @@ LIBRARIES = ("torch", "transformers", "datasets", "numpy", "tokenizers", "accele
 
 SEED_CONTROLS = ("which calibration windows are drawn from the pool (scoring sample)",
                  "the random_k control draw",
-                 "Gaussian noise and --perturb-prob draws of each perturbed condition")
+                 "Gaussian noise, bit-flip and --perturb-prob draws of each perturbed condition",
+                 "Hutchinson Rademacher probes (hutchinson_diag)",
+                 "Monte-Carlo labels sampled from the model (hessian_diag)")
 SEED_FIXED = "evaluation windows are the same for every seed and condition"
 
 
@@ -78,7 +80,9 @@ def _fmt(x) -> str:
 
 
 def _pm(d: dict | None) -> str:
-    return "n/a" if not d else f"{_fmt(d['mean'])} ± {_fmt(d['std'])}"
+    if not d:
+        return "n/a"
+    return f"{_fmt(d['mean'])} ± {_fmt(d['std'])}" if d["std"] is not None else _fmt(d["mean"])
 
 
 def summary_table(cfg: RunConfig, perturbation: dict | None, stability: dict | None, top_rows: list[list],

@@ -12,6 +12,7 @@ number of windows:
   granularity is one window (squared per window, then averaged), so each window gets its own
   backward pass (``--batch-size`` does not batch this metric).
 * ``magnitude``: ``|w|``.
+* ``hessian_diag`` and ``hutchinson_diag``: curvature, see :mod:`esa.curvature`.
 * ``act_mag`` (Wanda): ``|w_ij| * ||x_j||_2`` with ``||x_j||_2`` over all calibration tokens of the
   input feature j of the module.  For an embedding the input is the one-hot token vector, so
   ``||x_v||_2 = sqrt(count of token v)``.  A tied weight sums the score of each of its uses.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,7 +31,21 @@ from esa.models import assert_eval
 from esa.targets import Target
 
 Scores = dict[str, torch.Tensor]
-MetricFn = Callable[[torch.nn.Module, list[Target], torch.Tensor, int], Scores]
+
+
+@dataclass
+class MetricContext:
+    """What a metric may need beyond the data: the seed (for its own random streams), the number of
+    Hutchinson probes and of Monte-Carlo label samples, and a place for extra per-tensor statistics
+    (e.g. the signed Hutchinson estimate's summary) that end up in sensitivity_stats.json."""
+
+    seed: int = 0
+    hutchinson_samples: int = 16
+    curvature_samples: int = 1
+    extra_stats: dict[str, dict] = field(default_factory=dict)
+
+
+MetricFn = Callable[[torch.nn.Module, list[Target], torch.Tensor, int, MetricContext], Scores]
 METRICS: dict[str, MetricFn] = {}
 
 
@@ -41,12 +57,12 @@ def register(name: str) -> Callable[[MetricFn], MetricFn]:
 
 
 def compute_scores(metric: str, model: torch.nn.Module, targets: list[Target], windows: torch.Tensor,
-                   batch_size: int) -> Scores:
+                   batch_size: int, ctx: MetricContext | None = None) -> Scores:
     """Score every target weight with ``metric`` on calibration ``windows`` ``[W, L]`` (int64)."""
     if metric not in METRICS:
         raise NotImplementedError(f"metric {metric} is not implemented yet")
     assert_eval(model)
-    scores = METRICS[metric](model, targets, windows, batch_size)
+    scores = METRICS[metric](model, targets, windows, batch_size, ctx or MetricContext())
     for name, s in scores.items():
         if not torch.isfinite(s).all():
             raise FloatingPointError(f"non-finite {metric} scores in {name}")
@@ -85,7 +101,7 @@ def grad_accumulators(targets: list[Target], transform: Callable[[torch.Tensor],
 
 
 @register("grad_x_weight")
-def grad_x_weight(model, targets, windows, batch_size) -> Scores:
+def grad_x_weight(model, targets, windows, batch_size, ctx) -> Scores:
     n_tokens = windows.shape[0] * (windows.shape[1] - 1)
     device = targets[0].param.device
     with grad_accumulators(targets, lambda g: g) as acc:
@@ -96,7 +112,7 @@ def grad_x_weight(model, targets, windows, batch_size) -> Scores:
 
 
 @register("grad_squared")
-def grad_squared(model, targets, windows, batch_size) -> Scores:
+def grad_squared(model, targets, windows, batch_size, ctx) -> Scores:
     n_predicted = windows.shape[1] - 1
     device = targets[0].param.device
     with grad_accumulators(targets, lambda g: g.square()) as acc:
@@ -106,12 +122,12 @@ def grad_squared(model, targets, windows, batch_size) -> Scores:
 
 
 @register("magnitude")
-def magnitude(model, targets, windows, batch_size) -> Scores:
+def magnitude(model, targets, windows, batch_size, ctx) -> Scores:
     return {t.name: t.param.detach().float().abs() for t in targets}
 
 
 @register("act_mag")
-def act_mag(model, targets, windows, batch_size) -> Scores:
+def act_mag(model, targets, windows, batch_size, ctx) -> Scores:
     device = targets[0].param.device
     # One fp32 vector per use: sum over tokens of x_j^2 (or token counts for embeddings).
     sumsq: dict[tuple[str, int], torch.Tensor] = {}
@@ -163,3 +179,6 @@ def _broadcast_ids(ids: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     except RuntimeError:
         pass
     return ids
+
+
+from esa import curvature  # noqa: E402,F401  (registers hessian_diag and hutchinson_diag)

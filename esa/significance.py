@@ -24,8 +24,10 @@ from scipy import stats
 
 def _describe(values: list[float]) -> dict:
     a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)), "min": float(a.min()), "max": float(a.max()),
-            "values": [float(v) for v in a]}
+    finite = bool(np.isfinite(a).all())
+    return {"mean": float(a.mean()) if finite else float(a.max()),  # inf when any seed is infinite
+            "std": float(a.std(ddof=1)) if finite else None,  # undefined with an infinite value
+            "min": float(a.min()), "max": float(a.max()), "values": [float(v) for v in a]}
 
 
 def condition_summary(per_seed: dict[str, dict]) -> dict:

@@ -15,6 +15,7 @@ import esa_runner
 from tests.realmodels import REPO, WIKITEXT, tiny_model_dir
 
 FLAGS = ["--model", "-m", "--device", "--dtype", "--metric", "--mode", "--topk", "--perturb", "--perturb-scale",
+         "--bit-index", "--hutchinson-samples", "--curvature-samples",
          "--perturb-prob", "--controls", "--seeds", "--stability-check", "--data-file", "--dataset",
          "--max-samples", "--eval-samples", "--max-length", "--batch-size", "--include", "--exclude",
          "--out-dir", "--save-plots", "--verbose"]
@@ -62,9 +63,10 @@ def _one_error_line(err: str) -> str:
     (["--seeds", "1,1"], "duplicates"),
     (["--controls", "random_k,foo"], "unknown control 'foo'"),
     (["--metric", "nope"], "unknown --metric"),
-    (["--metric", "hutchinson_diag"], "not implemented yet"),
-    (["--metric", "hessian_diag"], "not implemented yet"),
-    (["--perturb", "bit_flip"], "not implemented yet"),
+    (["--bit-index", "3"], "only applies to --perturb bit_flip"),
+    (["--perturb", "bit_flip", "--bit-index", "40"], "--bit-index must be in 0..31"),
+    (["--hutchinson-samples", "0"], "--hutchinson-samples must be positive"),
+    (["--curvature-samples", "0"], "--curvature-samples must be positive"),
     (["--data-file", "/no/such/file.txt"], "does not exist"),
     (["--perturb-prob", "0"], "--perturb-prob"),
     (["--include", "("], "not a valid regular expression"),
@@ -97,6 +99,7 @@ def test_bad_inputs_after_loading(tiny, tmp_path, capsys):
         (["--out-dir", str(tmp_path / "file.txt" / "sub")], "not writable"),
         (["--max-samples", "100000"], "too little text"),
         (["--include", "no_such_parameter_name"], "no target weights"),
+        (["--perturb", "bit_flip", "--bit-index", "20", "--dtype", "bf16"], "out of range for torch.bfloat16"),
     ]
     (tmp_path / "file.txt").write_text("x")
     for extra, needle in cases:
@@ -191,3 +194,26 @@ def test_ctrl_c_leaves_interrupted_manifest(tiny, tmp_path, monkeypatch, capsys)
     assert esa_runner.main(small_args(tiny, out) + ["--perturb", "sign_flip"]) == 130
     manifest = json.loads((out / "experiment_manifest.json").read_text())
     assert manifest["status"] == "interrupted"
+
+
+def test_bit_flip_to_nan_is_reported_as_inf_not_a_crash(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert esa_runner.main(small_args(tiny, out) + ["--perturb", "bit_flip", "--seeds", "0,1"]) == 0
+    res = json.loads((out / "perturbation_results.json").read_text())
+    assert res["bit_index"] == 30  # fp32's most significant exponent bit
+    top = res["conditions"]["top_k"]
+    assert top["ppl"] == "inf" and top["ratio"] == "inf"  # strict JSON: non-finite floats as strings
+    assert top["n_perturbed"] == top["n_changed"] > 0
+    assert res["tests"]["top_k_vs_random_k"]["p_value"] is None  # undefined, with a note, never 0
+    assert json.loads((out / "experiment_manifest.json").read_text())["status"] == "success"
+
+
+@pytest.mark.parametrize("metric,extra", [("hutchinson_diag", ["--hutchinson-samples", "2"]),
+                                          ("hessian_diag", ["--curvature-samples", "2"])])
+def test_curvature_metrics_run_end_to_end(tiny, tmp_path, metric, extra, capsys):
+    out = tmp_path / metric
+    assert esa_runner.main(small_args(tiny, out) + ["--metric", metric, "--perturb", "zero"] + extra) == 0
+    stats = json.loads((out / "sensitivity_stats.json").read_text())["tensors"]
+    one = next(iter(stats.values()))
+    assert ("signed_estimate" in one) == (metric == "hutchinson_diag")
+    assert one["min"] >= 0.0

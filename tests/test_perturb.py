@@ -222,7 +222,7 @@ def test_unknown_perturbation(setup):
     sel = make_selection(model)
     h0 = state_hash(model)
     with pytest.raises(NotImplementedError):
-        with perturbed(targets, sel, "bit_flip", 1.0, 1.0, torch.Generator().manual_seed(0)):
+        with perturbed(targets, sel, "no_such_perturbation", 1.0, 1.0, torch.Generator().manual_seed(0)):
             pass  # pragma: no cover
     assert state_hash(model) == h0
 
@@ -253,3 +253,66 @@ def test_zero_valued_weights_are_reported_as_unchanged(setup):
     for kind in ("zero", "sign_flip"):
         with perturbed(targets, sel, kind, 1.0, 1.0, torch.Generator().manual_seed(0)) as info:
             assert info["n_perturbed"] == 60 and info["n_changed"] == 57, kind
+
+
+INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@pytest.mark.parametrize("dtype,bit", [(torch.float32, None), (torch.float32, 31), (torch.float32, 0),
+                                       (torch.bfloat16, None), (torch.bfloat16, 15), (torch.bfloat16, 3),
+                                       (torch.float16, None), (torch.float16, 10)])
+def test_bit_flip_changes_exactly_one_bit_of_exactly_the_selected_weights(llama, dtype, bit):
+    model = llama.to(dtype)
+    targets = {t.name: t for t in find_targets(model)}
+    sel = make_selection(model)
+    before = snapshot(model)
+    h0 = state_hash(model)
+    expected_bit = {torch.float32: 30, torch.bfloat16: 14, torch.float16: 14}[dtype] if bit is None else bit
+    with perturbed(targets, sel, "bit_flip", 1.0, 1.0, torch.Generator().manual_seed(0), bit) as info:
+        assert info["n_perturbed"] == 60
+        for n, p in model.named_parameters():
+            xor = p.detach().view(INT[dtype]) ^ before[n].view(INT[dtype])
+            mask = selected_mask(model, sel)[n]
+            assert not xor[~mask].any(), n  # nothing else changed
+            if mask.any():
+                flipped = xor[mask].long() & ((1 << torch.finfo(dtype).bits) - 1)  # as unsigned
+                assert (flipped == (1 << expected_bit)).all(), n  # exactly the chosen bit
+    assert state_hash(model) == h0  # identical bytes after restore, even where the flip made inf/NaN
+
+
+def test_bit_flip_to_inf_and_nan_restores_identical_bytes(llama):
+    model = llama.to(torch.bfloat16)
+    targets = {t.name: t for t in find_targets(model)}
+    name = SELECTED[1]
+    flat = targets[name].param.data.view(-1)
+    flat[:4] = torch.tensor([1.5, -2.0, 0.0, 3.0], dtype=torch.bfloat16)  # 1.5 with bit 14 -> huge/inf
+    sel = Selection("top_k", {name: torch.arange(4)}, {name: torch.ones(4)})
+    h0 = state_hash(model)
+    for bit in (14, 15, 7):
+        with perturbed(targets, sel, "bit_flip", 1.0, 1.0, torch.Generator().manual_seed(0), bit):
+            pass
+        assert state_hash(model) == h0
+
+
+def test_bit_flip_prob_is_seeded_and_counted(llama):
+    targets = {t.name: t for t in find_targets(llama)}
+    sel = make_selection(llama, per_tensor=200)
+    before = snapshot(llama)
+
+    def flipped(seed):
+        with perturbed(targets, sel, "bit_flip", 1.0, 0.25, torch.Generator().manual_seed(seed)) as info:
+            n = sum(int(bits_differ(p.detach(), before[k]).sum()) for k, p in llama.named_parameters())
+        return info["n_perturbed"], n
+
+    a, b, c = flipped(0), flipped(0), flipped(1)
+    assert a == b and a[0] == a[1] and a != c
+    assert abs(a[0] - 150) < 4 * (600 * 0.25 * 0.75) ** 0.5  # binomial(600, 0.25)
+
+
+def test_bit_index_out_of_range_is_a_usage_error(llama):
+    from esa.config import UsageError
+    from esa.perturb import resolve_bit
+
+    assert resolve_bit(torch.float32, None) == 30 and resolve_bit(torch.bfloat16, None) == 14
+    with pytest.raises(UsageError, match="out of range"):
+        resolve_bit(torch.float16, 16)
