@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from esa.config import (
     CONTROLS,
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default=None, help="output directory (default: outputs/<model>_<metric>_...)")
     g.add_argument("--save-plots", action="store_true", help="write PNG plots to OUT_DIR/plots/")
+    g.add_argument("--dry-run", action="store_true",
+                   help="validate the configuration, print the plan and exit without loading the model")
     g.add_argument("--verbose", "-v", action="store_true", help="debug logs and tracebacks")
     return p
 
@@ -132,7 +135,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         dataset=canonical(ns.dataset, DATASETS, DATASET_ALIASES, "--dataset") if ns.dataset else None,
         max_samples=ns.max_samples, eval_samples=ns.eval_samples, max_length=ns.max_length,
         batch_size=ns.batch_size, include=tuple(ns.include), exclude=tuple(ns.exclude),
-        out_dir=ns.out_dir, save_plots=ns.save_plots, verbose=ns.verbose,
+        out_dir=ns.out_dir, save_plots=ns.save_plots, dry_run=ns.dry_run, verbose=ns.verbose,
     )
 
 
@@ -154,8 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = validate(config_from_args(build_parser().parse_args(argv)))
         setup_logging(cfg.verbose)
-        from esa.pipeline import run  # heavy imports only after the flags are known to be valid
+        from esa.pipeline import default_out_dir, run  # heavy imports only after the flags are valid
 
+        if cfg.dry_run:
+            from esa.plan import describe
+
+            print(describe(cfg, Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)))
+            return 0
         run(cfg)
         return 0
     except SystemExit as exc:  # --help

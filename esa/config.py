@@ -132,6 +132,7 @@ class RunConfig:
     exclude: tuple[str, ...] = ()
     out_dir: str | None = None
     save_plots: bool = False
+    dry_run: bool = False
     verbose: bool = False
     extra: dict = field(default_factory=dict)
 
