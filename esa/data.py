@@ -68,9 +68,13 @@ def bos_policy(tokenizer) -> dict:
     }
 
 
-def _tokenize(tokenizer, text: str) -> torch.Tensor:
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids ``[N]`` (int64, cpu) of ``text`` without special tokens (BOS is added per window)."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
     return torch.tensor(ids, dtype=torch.long)
+
+
+_tokenize = tokenize  # the earlier private name
 
 
 def _windows(tokens: torch.Tensor, max_length: int, policy: dict, limit: int | None = None) -> torch.Tensor:
@@ -108,18 +112,29 @@ def _split_tokens(tokenizer, rows, needed_tokens: int) -> torch.Tensor:
     return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
 
 
-def from_dataset(name: str, tokenizer, max_length: int, eval_samples: int, max_samples: int,
-                 policy: dict, required: bool) -> TokenData | None:
+def load_splits(name: str, splits: tuple[str, ...], required: bool, hint: str = "use --data-file PATH instead"):
+    """The ``splits`` of dataset ``name`` (a list), failing fast offline.
+
+    Unloadable: a UsageError if ``required`` (ending with ``hint``), else ``None``.
+    """
+    online = True
     try:
         with offline_unless_reachable() as online:
-            test = _load_split(name, "test")
-            train = _load_split(name, "train")
+            return [_load_split(name, split) for split in splits]
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError...)
         if required:
             raise UsageError(f"cannot load dataset {name} ({'online' if online else 'offline, not cached'}): "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
-                             "use --data-file PATH instead") from exc
+                             f"{hint}") from exc
         return None
+
+
+def from_dataset(name: str, tokenizer, max_length: int, eval_samples: int, max_samples: int,
+                 policy: dict, required: bool) -> TokenData | None:
+    loaded = load_splits(name, ("test", "train"), required)
+    if loaded is None:
+        return None
+    test, train = loaded
     ev = _windows(_split_tokens(tokenizer, test, eval_samples * max_length), max_length, policy, eval_samples)
     pool_tokens = POOL_FACTOR * max_samples * max_length
     pool = _windows(_split_tokens(tokenizer, train, pool_tokens), max_length, policy)
@@ -151,6 +166,33 @@ def sample_corpus() -> str:
     return resources.files("esa").joinpath("resources/sample_corpus.txt").read_text(encoding="utf-8")
 
 
+SAMPLE_SOURCE = "bundled:esa/resources/sample_corpus.txt"
+
+
+def warn_sample_corpus_fallback() -> None:
+    log.warning("WikiText-2 is not available (offline and not cached): using the bundled sample corpus "
+                "(esa/resources/sample_corpus.txt); pass --data-file for real evaluation text")
+
+
+def eval_split_text(name: str, required: bool, hint: str = "use --data-file PATH instead") -> tuple[str, str] | None:
+    """``(text, source)`` of the whole test split of ``name``: rows joined with ROW_JOIN (``"\\n\\n"``,
+    the Hugging Face perplexity guide's convention); ``None`` if unloadable and not ``required``."""
+    loaded = load_splits(name, ("test",), required, hint)
+    if loaded is None:
+        return None
+    return ROW_JOIN.join(loaded[0]["text"]), f"datasets:{HF_DATASETS[name][1]} (test split, rows joined with '\\n\\n')"
+
+
+def default_eval_text() -> tuple[str, str]:
+    """What evaluation falls back to without a data choice: the WikiText-2 test split when
+    ``datasets`` can load it, else the bundled sample corpus (with the same warning as load_data)."""
+    found = eval_split_text("wikitext2", required=False)
+    if found is not None:
+        return found
+    warn_sample_corpus_fallback()
+    return sample_corpus(), SAMPLE_SOURCE
+
+
 def load_data(tokenizer, data_file: str | None, dataset: str | None, max_length: int, eval_samples: int,
               max_samples: int) -> TokenData:
     policy = bos_policy(tokenizer)
@@ -167,6 +209,5 @@ def load_data(tokenizer, data_file: str | None, dataset: str | None, max_length:
     data = from_dataset("wikitext2", tokenizer, required=False, **kw)
     if data is not None:
         return data
-    log.warning("WikiText-2 is not available (offline and not cached): using the bundled sample corpus "
-                "(esa/resources/sample_corpus.txt); pass --data-file for real evaluation text")
-    return from_text(sample_corpus(), "bundled:esa/resources/sample_corpus.txt", tokenizer, **kw)
+    warn_sample_corpus_fallback()
+    return from_text(sample_corpus(), SAMPLE_SOURCE, tokenizer, **kw)
