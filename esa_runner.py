@@ -32,6 +32,7 @@ from esa.config import (
     canonical,
     parse_controls,
     parse_seeds,
+    parse_topk_sweep,
     validate,
 )
 
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "exponent bit: 30 for fp32, 14 for bf16/fp16)")
     g.add_argument("--controls", default="random_k,bottom_k",
                    help=f"comma list of {', '.join(CONTROLS)}, or 'none'")
+    g.add_argument("--topk-sweep", default="", metavar="K1,K2,...",
+                   help="dose-response: also perturb the Top-K and controls for each of these k (scores are "
+                        "computed once per seed); --topk stays the main k of the table, top_weights.csv and "
+                        "stability. Each k must fit the weight count like --topk. Needs --perturb")
     g = p.add_argument_group("seeds")
     g.add_argument("--seeds", default="0", help="comma list of seeds; the first is the primary seed")
     g.add_argument("--stability-check", action="store_true", help="Jaccard overlap of Top-K across seeds")
@@ -126,7 +131,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         device=ns.device or "cuda", device_explicit=ns.device is not None,
         dtype=ns.dtype or "bf16", dtype_explicit=ns.dtype is not None,
         metric=canonical(ns.metric, METRICS, METRIC_ALIASES, "--metric"),
-        mode=ns.mode, topk=ns.topk,
+        mode=ns.mode, topk=ns.topk, topk_sweep=parse_topk_sweep(ns.topk_sweep),
         perturb=canonical(ns.perturb, PERTURBS, PERTURB_ALIASES, "--perturb") if ns.perturb else None,
         perturb_scale=ns.perturb_scale, perturb_prob=ns.perturb_prob, bit_index=ns.bit_index,
         hutchinson_samples=ns.hutchinson_samples, curvature_samples=ns.curvature_samples,

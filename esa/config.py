@@ -75,6 +75,24 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def parse_topk_sweep(text: str) -> tuple[int, ...]:
+    """Parse ``"1,10,100,1000"`` into ascending ``(1, 10, 100, 1000)``; ``""`` means no sweep.
+
+    Every k must be a positive integer and appear once (a duplicate is almost surely a typo).
+    """
+    if not text.strip():
+        return ()
+    parts = [p.strip() for p in text.split(",")]
+    if any(not re.fullmatch(r"\d+", p) for p in parts):
+        raise UsageError(f"--topk-sweep must be a comma-separated list of positive integers, got {text!r}")
+    ks = [int(p) for p in parts]
+    if any(k <= 0 for k in ks):
+        raise UsageError(f"--topk-sweep values must be positive, got {text!r}")
+    if len(set(ks)) != len(ks):
+        raise UsageError(f"--topk-sweep contains duplicates: {text!r}")
+    return tuple(sorted(ks))
+
+
 def parse_controls(text: str) -> tuple[str, ...]:
     """Parse ``"random_k,bottom_k"``; ``"none"`` or ``""`` means no controls."""
     if text.strip().lower() in ("", "none"):
@@ -113,6 +131,7 @@ class RunConfig:
     metric: str = "grad_x_weight"
     mode: str = "per_layer"
     topk: int = 100
+    topk_sweep: tuple[int, ...] = ()  # extra k values for the dose-response curve (ascending); --topk stays main
     perturb: str | None = None
     perturb_scale: float = 1.0
     perturb_prob: float = 1.0
@@ -149,6 +168,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     """Check everything that can be checked before the model loads; return the config."""
     if cfg.topk <= 0:
         raise UsageError(f"--topk must be a positive integer, got {cfg.topk}")
+    if cfg.topk_sweep and not cfg.perturb:
+        raise UsageError("--topk-sweep needs --perturb (the sweep measures the perplexity change per k)")
+    if any(k <= 0 for k in cfg.topk_sweep):
+        raise UsageError(f"--topk-sweep values must be positive, got {list(cfg.topk_sweep)}")
     if cfg.bit_index is not None and cfg.perturb != "bit_flip":
         raise UsageError("--bit-index only applies to --perturb bit_flip")
     if cfg.bit_index is not None and not 0 <= cfg.bit_index < 32:

@@ -1,4 +1,4 @@
-"""The ESA run: load -> score -> Top-K (+ controls) -> perturb -> perplexity -> outputs.
+"""The ESA run: load -> score -> Top-K (+ controls) -> perturb -> perplexity -> outputs -> report.md.
 
 ``run(cfg)`` is the whole job; the CLI only builds ``cfg``.  Nothing in here sees argparse.
 """
@@ -18,16 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esa import models, outputs, plots, report, selection, significance
+from esa import models, outputs, plots, report, report_md, selection, significance
 from esa.config import RunConfig, UsageError
 from esa.data import TokenData, load_data
 from esa.evaluate import NaNLossError, perplexity
 from esa.outputs import Manifest, check_writable
 from esa.perturb import perturbed, resolve_bit
+from esa.score_sample import write_score_sample
 from esa.seeding import numpy_rng, torch_generator
 from esa.sensitivity import MetricContext, compute_scores
 from esa.stability import stability_summary
 from esa.stats import all_stats
+from esa.sweep import sweep_curve
 from esa.targets import Target, find_targets
 
 log = logging.getLogger("esa")
@@ -41,6 +43,7 @@ class SeedResult:
     top: selection.Selection
     controls: dict[str, selection.Selection]
     calibration_windows: list[int]  # pool indices of the windows this seed scored on
+    sweep: dict[int, tuple[selection.Selection, dict[str, selection.Selection]]]  # --topk-sweep k != --topk
 
 
 def release_memory() -> None:
@@ -66,7 +69,8 @@ def default_out_dir(cfg: RunConfig) -> Path:
 
 def score_seed(cfg: RunConfig, seed: int, model, targets: list[Target], data: TokenData,
                out_dir: Path, manifest: Manifest, write_stats: bool) -> SeedResult:
-    """Score with this seed's calibration windows, select Top-K and controls, drop the scores."""
+    """Score with this seed's calibration windows, select Top-K and controls (for --topk and every
+    --topk-sweep k), write the primary seed's statistics and score sample, drop the scores."""
     chosen = data.calibration_indices(numpy_rng(seed, "calibration"), cfg.max_samples)
     windows = data.calib_pool[torch.from_numpy(chosen)]
     names = [t.name for t in targets]
@@ -76,20 +80,53 @@ def score_seed(cfg: RunConfig, seed: int, model, targets: list[Target], data: To
     with manifest.phase("scoring"):
         scores = compute_scores(cfg.metric, model, targets, windows, cfg.batch_size, ctx)
     with manifest.phase("selection"):
-        need = 2 if "random_k" in cfg.controls else 1
-        top = selection.top_k(scores, names, cfg.topk, cfg.mode, need=need)
-        rng = numpy_rng(seed, "random_k")
-        controls = {c: selection.control(c, scores, names, cfg.topk, cfg.mode, top, rng) for c in cfg.controls}
+        chosen_k = select_all(cfg, scores, names, seed)
+        top, controls = chosen_k[cfg.topk]
+        sweep = {k: v for k, v in chosen_k.items() if k != cfg.topk}
     if write_stats:
         with manifest.phase("stats"):
             stats = all_stats(scores, {t.name: t.shape for t in targets})
             for name, extra in ctx.extra_stats.items():
                 stats[name].update(extra)
+            write_score_sample(out_dir / "score_distribution.npz", scores, names, top, numpy_rng(seed, "score_sample"),
+                               {"metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk, "seed": seed})
         outputs.write_json(out_dir / "sensitivity_stats.json", {"metric": cfg.metric, "seed": seed, "tensors": stats})
         manifest.add_file("sensitivity_stats.json")
+        manifest.add_file("score_distribution.npz")
     del scores  # only the selections outlive this function: memory stays flat in the number of seeds
     release_memory()
-    return SeedResult(seed, top, controls, chosen.tolist())
+    return SeedResult(seed, top, controls, chosen.tolist(), sweep)
+
+
+def select_all(cfg: RunConfig, scores: dict[str, torch.Tensor], names: list[str], seed: int
+               ) -> dict[int, tuple[selection.Selection, dict[str, selection.Selection]]]:
+    """Top-K and each control for --topk and every --topk-sweep k, from one pass at the largest k.
+
+    Top-K and bottom_k of a smaller k are prefixes of the largest k's (nested under the total
+    order), so the scores are ranked once; random_k is drawn per k, from the stream ``random_k`` for
+    --topk (as without a sweep) and ``random_k:k<k>`` for the others, disjoint from that k's Top-K.
+    """
+    ks = sorted({cfg.topk, *cfg.topk_sweep})
+    need = 2 if "random_k" in cfg.controls else 1  # random_k is drawn disjoint from the Top-K: room for 2k
+    top_max = selection.top_k(scores, names, ks[-1], cfg.mode, need=need)
+    nested = {c: selection.control(c, scores, names, ks[-1], cfg.mode, top_max, None)  # deterministic: no rng
+              for c in cfg.controls if c in selection.NESTED}
+    out = {}
+    for k in ks:
+        top = top_max.prefix(k, cfg.mode, names)
+        rng = numpy_rng(seed, "random_k" if k == cfg.topk else f"random_k:k{k}")
+        out[k] = (top, {c: nested[c].prefix(k, cfg.mode, names) if c in nested
+                        else selection.control(c, scores, names, k, cfg.mode, top, rng) for c in cfg.controls})
+    return out
+
+
+def check_sizes(cfg: RunConfig, targets: list[Target]) -> None:
+    """Fail before scoring when --topk or a --topk-sweep k does not fit the weight count."""
+    sizes = {t.name: t.numel for t in targets}
+    need = 2 if "random_k" in cfg.controls else 1
+    selection.check_k(cfg.mode, cfg.topk, sizes, need)
+    for k in cfg.topk_sweep:
+        selection.check_k(cfg.mode, k, sizes, need, flag="--topk-sweep")
 
 
 def baseline_perplexity(cfg: RunConfig, model, data: TokenData, manifest: Manifest) -> dict:
@@ -103,13 +140,37 @@ def baseline_perplexity(cfg: RunConfig, model, data: TokenData, manifest: Manife
 def evaluate_conditions(cfg: RunConfig, model, targets: list[Target], data: TokenData, result: SeedResult,
                         manifest: Manifest, base: dict | None = None) -> dict:
     """Each condition of one seed perturbed in place, evaluated and restored (baseline if not given)."""
-    by_name = {t.name: t for t in targets}
     if base is None:
         base = baseline_perplexity(cfg, model, data, manifest)
+    conditions = _evaluate(cfg, model, targets, data, result.seed, [("top_k", result.top), *result.controls.items()],
+                           base, manifest)
+    return {"seed": result.seed, "baseline": base, "conditions": conditions}
+
+
+def evaluate_sweep(cfg: RunConfig, model, targets: list[Target], data: TokenData, result: SeedResult, base: dict,
+                   main: dict, manifest: Manifest) -> dict[int, dict[str, dict]]:
+    """``{k: {condition: row}}`` of one seed for every --topk-sweep k (the main k reuses ``main``)."""
+    out = {}
+    for k in cfg.topk_sweep:
+        if k == cfg.topk:
+            out[k] = main["conditions"]
+            continue
+        top, controls = result.sweep[k]
+        log.info("seed %d: sweep k=%d", result.seed, k)
+        out[k] = _evaluate(cfg, model, targets, data, result.seed, [("top_k", top), *controls.items()], base,
+                           manifest, stream_suffix=f":k{k}")
+    return out
+
+
+def _evaluate(cfg: RunConfig, model, targets: list[Target], data: TokenData, seed: int,
+              conds: list[tuple[str, selection.Selection]], base: dict, manifest: Manifest,
+              stream_suffix: str = "") -> dict:
+    """Perturb each selection in place, measure perplexity, restore; rows keyed by condition name."""
+    by_name = {t.name: t for t in targets}
     with manifest.phase("evaluation"):
         conditions = {}
-        for name, sel in [("top_k", result.top), *result.controls.items()]:
-            gen = torch_generator(result.seed, f"perturb:{name}")
+        for name, sel in conds:
+            gen = torch_generator(seed, f"perturb:{name}{stream_suffix}")
             with perturbed(by_name, sel, cfg.perturb, cfg.perturb_scale, cfg.perturb_prob, gen,
                            cfg.bit_index) as info:
                 try:
@@ -119,22 +180,24 @@ def evaluate_conditions(cfg: RunConfig, model, targets: list[Target], data: Toke
                     # the perturbed model's loss is NaN (e.g. an exponent bit flip overflowed to inf):
                     # the model no longer predicts anything, which is infinite perplexity, not a crash
                     log.warning("seed %d %s: NaN loss after perturbation; perplexity reported as inf",
-                                result.seed, name)
+                                seed, name)
                     row = {"ppl": math.inf, "mean_nll": math.nan, "delta_ppl": math.inf, "ratio": math.inf,
                            "non_finite_loss": "nan"}
             conditions[name] = {**row, **info}
             if info["n_changed"] < info["n_perturbed"]:
                 log.warning("%s: only %d of %d perturbed weights changed value (the others are exactly 0, "
                             "which %s leaves unchanged)", name, info["n_changed"], info["n_perturbed"], cfg.perturb)
-            log.info("seed %d %s: perplexity %s (%d weights perturbed)", result.seed, name, row.get("ppl"),
+            log.info("seed %d %s: perplexity %s (%d weights perturbed)", seed, name, row.get("ppl"),
                      info["n_perturbed"])
-    return {"seed": result.seed, "baseline": base, "conditions": conditions}
+    return conditions
 
 
-def perturbation_results(cfg: RunConfig, data: TokenData, blocks: list[dict], bit_index: int | None) -> dict:
+def perturbation_results(cfg: RunConfig, data: TokenData, blocks: list[dict], bit_index: int | None,
+                         sweeps: list[dict[int, dict]] | None = None) -> dict:
     """The primary seed's block where single-seed users expect it, every seed's, and statistics.
 
-    ``summary`` and ``tests`` exist only with >= 2 seeds (absent, never zero, otherwise).
+    ``summary`` and ``tests`` exist only with >= 2 seeds (absent, never zero, otherwise); ``sweep``
+    (see :mod:`esa.sweep`) only with --topk-sweep.
     """
     per_seed = {str(b["seed"]): b["conditions"] for b in blocks}
     out = {"seed": blocks[0]["seed"], "metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk,
@@ -145,6 +208,9 @@ def perturbation_results(cfg: RunConfig, data: TokenData, blocks: list[dict], bi
     if len(blocks) >= 2:
         out["summary"] = significance.condition_summary(per_seed)
         out["tests"] = significance.top_vs_controls(per_seed)
+    if sweeps:
+        out["sweep"] = sweep_curve(list(cfg.topk_sweep), cfg.topk,
+                                   {str(b["seed"]): sw for b, sw in zip(blocks, sweeps)})
     return out
 
 
@@ -179,6 +245,7 @@ def run(cfg: RunConfig) -> dict:
             log.info("loading model %s on %s in %s", cfg.model, choice.device, choice.dtype)
             model, tok = models.load_model(cfg.model, choice.device, choice.dtype)
         targets = find_targets(model, cfg.include, cfg.exclude)
+        check_sizes(cfg, targets)
         if cfg.perturb == "bit_flip":
             resolve_bit(targets[0].param.dtype, cfg.bit_index)  # fail before hours of scoring
         with manifest.phase("load_data"):
@@ -200,8 +267,10 @@ def run(cfg: RunConfig) -> dict:
         if cfg.perturb:
             base = baseline_perplexity(cfg, model, data, manifest)
             blocks = [evaluate_conditions(cfg, model, targets, data, r, manifest, base) for r in results]
+            sweeps = [evaluate_sweep(cfg, model, targets, data, r, base, b, manifest)
+                      for r, b in zip(results, blocks)] if cfg.topk_sweep else None
             bit = resolve_bit(targets[0].param.dtype, cfg.bit_index) if cfg.perturb == "bit_flip" else None
-            perturbation = perturbation_results(cfg, data, blocks, bit)
+            perturbation = perturbation_results(cfg, data, blocks, bit, sweeps)
             outputs.write_json(out_dir / "perturbation_results.json", perturbation)
             manifest.add_file("perturbation_results.json")
         if cfg.save_plots:
@@ -209,8 +278,13 @@ def run(cfg: RunConfig) -> dict:
                 for path in plots.make_plots(out_dir):
                     manifest.add_file(str(path.relative_to(out_dir)))
         summary = report.summary_table(cfg, perturbation, stab, rows[:5], out_dir)
-        print(summary, flush=True)
+        # report.md is always written (text, cheap; plot sections only with --save-plots), after the
+        # manifest says success so that the report quotes the final status; if it fails, the except
+        # below turns the manifest to failed
+        manifest.add_file("report.md")
         manifest.finish("success")
+        report_md.write_report(out_dir)
+        print(summary, flush=True)
         return {"out_dir": str(out_dir), "perturbation": perturbation}
     except KeyboardInterrupt:
         manifest.finish("interrupted", "KeyboardInterrupt")

@@ -10,7 +10,8 @@ import torch
 from esa.config import EMBEDDED_MODEL, RunConfig
 from esa.models import resolve_device
 
-OUTPUT_FILES = ("config.json", "experiment_manifest.json", "top_weights.csv", "sensitivity_stats.json")
+OUTPUT_FILES = ("config.json", "experiment_manifest.json", "top_weights.csv", "sensitivity_stats.json",
+                "score_distribution.npz", "report.md")
 
 
 def _writable_dir(path: Path) -> bool:
@@ -61,7 +62,8 @@ def describe(cfg: RunConfig, out_dir: Path) -> str:
         f"seeds:       {', '.join(map(str, cfg.seeds))} (primary {cfg.seeds[0]})"
         + ("; stability check" if cfg.stability_check else ""),
         f"perturb:     {perturb}",
-        f"conditions:  {', '.join(conditions) if conditions else '-'}",
+        f"conditions:  {', '.join(conditions) if conditions else '-'}"
+        + (f"; dose-response over k = {', '.join(map(str, cfg.topk_sweep))}" if cfg.topk_sweep else ""),
         f"outputs:     {out_dir} -> {', '.join(files)}"
         + ("" if _writable_dir(out_dir) else "  (NOT writable: a real run would stop)"),
     ]

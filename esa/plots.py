@@ -1,120 +1,140 @@
 """PNG plots built only from the files in an out-dir (so old runs can be re-plotted without a model).
 
-* ``plots/topk_locations.png``: heatmap of Top-K counts by layer index x module type;
-* ``plots/perturbation_effect.png``: perplexity change of the Top-K and each control (log scale).
+``PLOTS`` lists every plot (file under ``OUT_DIR/plots/``, report section title, drawing function,
+one-sentence reading computed from the data); a plot whose data is absent is skipped:
 
-Usage: ``python -m esa.plots OUT_DIR``.
+* ``score_distribution.png``: log-log CCDF of the primary seed's scores per module type + Top-K threshold;
+* ``topk_locations.png``: heatmap of Top-K counts by layer index x module type;
+* ``score_concentration.png``: share of each tensor's total score held by its top 0.1 %;
+* ``perturbation_effect.png``: ΔPPL of the Top-K and each control, per seed and mean ± std;
+* ``stability.png``: Jaccard matrix of the Top-K across seeds (>= 2 seeds);
+* ``dose_response.png``: ΔPPL versus k (``--topk-sweep``).
+
+Usage: ``python -m esa.plots OUT_DIR`` (plots only; ``python -m esa.report OUT_DIR`` adds report.md).
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import math
-import os
-import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")  # headless
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from esa.modtypes import MODULE_TYPES, module_type
+from esa.plotkit import read_json, read_top_rows, save
+from esa.plots_effects import (
+    plot_dose_response,
+    plot_perturbation,
+    plot_stability,
+    read_dose_response,
+    read_perturbation,
+    read_stability,
+)
+from esa.plots_scores import (
+    layer_rows,
+    plot_concentration,
+    plot_score_distribution,
+    read_concentration,
+    read_score_distribution,
+)
 
-from esa.targets import layer_index  # noqa: E402
-
-MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "embeddings", "lm_head", "other")
-_TYPE_PATTERNS = [
-    ("embeddings", r"(embed|wte|wpe|word_embeddings|position_embeddings)"),
-    ("lm_head", r"(lm_head|embed_out|output\.weight$)"),
-    ("q", r"(q_proj|\.query\b|\.wq\b)"), ("k", r"(k_proj|\.key\b|\.wk\b)"), ("v", r"(v_proj|\.value\b|\.wv\b)"),
-    ("o", r"(o_proj|out_proj|attn\.c_proj|attention\.dense|\.wo\b)"),
-    ("gate", r"(gate_proj|\.w1\b)"), ("up", r"(up_proj|c_fc|fc1|dense_h_to_4h|\.w3\b)"),
-    ("down", r"(down_proj|mlp\.c_proj|fc2|dense_4h_to_h|\.w2\b)"),
-]
-
-
-def module_type(name: str) -> str:
-    """Coarse module type from a parameter name, by generic naming conventions."""
-    for kind, pattern in _TYPE_PATTERNS:
-        if re.search(pattern, name):
-            return kind
-    return "other"
+__all__ = ["MODULE_TYPES", "PLOTS", "PlotSpec", "make_plots", "module_type"]
 
 
-def _save(fig, dest: Path) -> Path:
-    """Write the PNG atomically (temporary sibling + rename) and close the figure."""
-    tmp = dest.with_name(f".{dest.name}.tmp.png")
-    try:
-        fig.tight_layout()
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, dest)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return dest
+TYPE_PHRASES = {"embeddings": "the embeddings", "lm_head": "the LM head", "other": "unclassified tensors"}
 
 
-def plot_topk_locations(out_dir: Path, dest: Path) -> Path | None:
-    path = out_dir / "top_weights.csv"
-    if not path.is_file():
-        return None
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    seed = rows[0]["seed"] if rows else None
-    rows = [r for r in rows if r["seed"] == seed]
-    layers = sorted({i for r in rows if (i := layer_index(r["parameter"])) is not None})
-    ylabels = ["(none)"] + [str(i) for i in layers]
-    ypos = {None: 0, **{i: j + 1 for j, i in enumerate(layers)}}
+def _primary_rows(out_dir: Path) -> list[dict]:
+    rows = read_top_rows(out_dir)
+    return [r for r in rows if r["seed"] == rows[0]["seed"]] if rows else []
+
+
+def _location_counts(out_dir: Path, rows: list[dict]) -> tuple[list[str], np.ndarray]:
+    """Row labels (emb/head, then every layer of the model, so depth reads true even where no Top-K
+    weight lives) and counts ``[rows, len(MODULE_TYPES)]``."""
+    stats = read_json(out_dir, "sensitivity_stats.json")
+    names = list(stats["tensors"]) if stats else []
+    ylabels, row = layer_rows(names + [r["parameter"] for r in rows])
     counts = np.zeros((len(ylabels), len(MODULE_TYPES)))
     for r in rows:
-        counts[ypos[layer_index(r["parameter"])], MODULE_TYPES.index(module_type(r["parameter"]))] += 1
-    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.25 * len(ylabels) + 1.5)))
-    im = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+        counts[row[r["parameter"]], MODULE_TYPES.index(module_type(r["parameter"]))] += 1
+    return ylabels, counts
+
+
+def plot_topk_locations(out_dir: Path, dest: Path) -> bool:
+    rows = _primary_rows(out_dir)
+    if not rows:
+        return False
+    ylabels, counts = _location_counts(out_dir, rows)
+    fig, ax = plt.subplots(figsize=(9, max(3.5, 0.26 * len(ylabels) + 1.8)))
+    shown = np.ma.masked_equal(counts, 0)  # empty cells blank, so a few hot cells stand out
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#f2f2f2")
+    im = ax.imshow(shown, aspect="auto", cmap=cmap, interpolation="nearest")
+    small = len(ylabels) > 20
+    for i, j in zip(*np.nonzero(counts)):
+        ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=6 if small else 8,
+                color="white" if counts[i, j] < 0.6 * counts.max() else "black")
     ax.set_xticks(range(len(MODULE_TYPES)), MODULE_TYPES, rotation=45, ha="right")
-    ax.set_yticks(range(len(ylabels)), ylabels, fontsize=7 if len(ylabels) > 20 else 9)
-    ax.set_xlabel("module type")
-    ax.set_ylabel("layer index ((none) = embeddings / head)")
-    ax.set_title(f"Where the Top-K live (seed {seed}, {len(rows)} weights)")
-    fig.colorbar(im, ax=ax, label="Top-K weights (count)")
-    return _save(fig, dest)
+    ax.set_yticks(range(len(ylabels)), ylabels, fontsize=7 if small else 9)
+    ax.set_xlabel("module type (from parameter names)")
+    ax.set_ylabel("layer index (emb/head = outside the blocks)")
+    ax.set_title(f"Where the Top-K live: {len(rows)} weights of seed {rows[0]['seed']} (cell = count)", fontsize=10)
+    fig.colorbar(im, ax=ax, label="Top-K weights in the cell (count)")
+    save(fig, dest)
+    return True
 
 
-def plot_perturbation(out_dir: Path, dest: Path) -> Path | None:
-    path = out_dir / "perturbation_results.json"
-    if not path.is_file():
+def read_topk_locations(out_dir: Path) -> str | None:
+    rows = _primary_rows(out_dir)
+    if not rows:
         return None
-    res = json.loads(path.read_text())
-    names = list(res["conditions"])
-    deltas = []
-    for n in names:
-        d = res["conditions"][n].get("delta_ppl")
-        d = math.inf if d == "inf" else d
-        deltas.append(d if isinstance(d, (int, float)) else math.nan)
-    finite = [d for d in deltas if math.isfinite(d) and d > 0]
-    floor = min(finite) / 10 if finite else 1e-6
-    cap = max(finite) * 10 if finite else 1.0
-    shown = [cap if d == math.inf else max(d, floor) if math.isfinite(d) else floor for d in deltas]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    bars = ax.bar(names, shown, color=["tab:red"] + ["tab:gray"] * (len(names) - 1))
-    for bar, d in zip(bars, deltas):
-        label = "inf" if d == math.inf else ("n/a" if not math.isfinite(d) else f"{d:.3g}")
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
-    ax.set_yscale("log")
-    ax.set_ylabel("ΔPPL = PPL − baseline (log scale)")
-    ax.set_xlabel("condition (ΔPPL ≤ 0 drawn at the axis floor; labels give exact values)")
-    ax.set_title(f"{res['perturb']} of k={res['k']} ({res['mode']}, {res['metric']}), "
-                 f"baseline PPL {res['baseline']['ppl']:.3g}")
-    return _save(fig, dest)
+    ylabels, counts = _location_counts(out_dir, rows)
+    n = len(rows)
+    by_type = counts.sum(0)
+    by_layer = counts.sum(1)
+    t = int(by_type.argmax())
+    order = np.argsort(-by_layer, kind="stable")[:3]
+    layers = ", ".join(f"{'layer ' if i else ''}{ylabels[i]} ({int(by_layer[i])})" for i in order if by_layer[i] > 0)
+    per_tensor = len({r["parameter"] for r in rows})
+    text = (f"{int(by_type[t])} of the {n} Top-K weights ({100 * by_type[t] / n:.0f} %) are in "
+            f"{TYPE_PHRASES.get(MODULE_TYPES[t], MODULE_TYPES[t] + ' projections')} and the busiest rows are "
+            f"{layers}; they sit in {per_tensor} distinct tensors")
+    cfg = (out_dir / "config.json")
+    if cfg.is_file() and '"mode": "per_layer"' in cfg.read_text():
+        text += " (per_layer selects k in every tensor, so the counts mirror the number of tensors per cell)"
+    return text + "."
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    file: str  # under OUT_DIR/plots/
+    title: str  # section title in report.md
+    draw: Callable[[Path, Path], bool]  # (out_dir, dest) -> whether its data existed and it was drawn
+    read: Callable[[Path], str | None]  # one-sentence reading computed from the out-dir files
+
+
+PLOTS = (
+    PlotSpec("score_distribution.png", "Score distribution", plot_score_distribution, read_score_distribution),
+    PlotSpec("topk_locations.png", "Where the Top-K live", plot_topk_locations, read_topk_locations),
+    PlotSpec("score_concentration.png", "Score concentration per tensor", plot_concentration, read_concentration),
+    PlotSpec("perturbation_effect.png", "Perturbation effect", plot_perturbation, read_perturbation),
+    PlotSpec("stability.png", "Top-K stability across seeds", plot_stability, read_stability),
+    PlotSpec("dose_response.png", "Dose–response", plot_dose_response, read_dose_response),
+)
 
 
 def make_plots(out_dir: Path) -> list[Path]:
-    plots = out_dir / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    made = [plot_topk_locations(out_dir, plots / "topk_locations.png"),
-            plot_perturbation(out_dir, plots / "perturbation_effect.png")]
-    return [p for p in made if p is not None]
+    """Draw every plot whose data is in ``out_dir``; returns the PNG paths written."""
+    out_dir = Path(out_dir)
+    made = []
+    for spec in PLOTS:
+        dest = out_dir / "plots" / spec.file
+        if spec.draw(out_dir, dest):
+            made.append(dest)
+    return made
 
 
 if __name__ == "__main__":

@@ -109,6 +109,11 @@ def summary_table(cfg: RunConfig, perturbation: dict | None, stability: dict | N
                 lines.append(f"{name:<12} {_pm(c.get('delta_ppl')):>28} {_pm(c.get('ratio')):>28} "
                              f"{_fmt(t.get('p_value')) if t else '-':>10} {_fmt(t.get('cohens_d')) if t else '-':>9} "
                              f"{p_log:>13}")
+        if "sweep" in perturbation:  # the dose-response curve in one line per condition
+            sw = perturbation["sweep"]
+            lines.append(f"dose-response (mean PPL/baseline over seeds) at k = {', '.join(map(str, sw['k']))}:")
+            for name, c in sw["conditions"].items():
+                lines.append(f"  {name:<10} " + "  ".join(_fmt(r) for r in c["ratio_mean"]))
     else:
         lines.append("(no --perturb given: scores and Top-K only)")
     if stability is not None:
@@ -118,5 +123,24 @@ def summary_table(cfg: RunConfig, perturbation: dict | None, stability: dict | N
     lines.append(f"{'rank':>5}  {'parameter':<48}{'coords':>14}{'score':>16}")
     for rank, name, _idx, coords, score, _seed in top_rows:
         lines.append(f"{rank:>5}  {name:<48}{'(' + coords + ')':>14}{score:>16}")
-    lines.append(f"outputs: {out_dir}")
+    lines.append(f"outputs: {out_dir} (report: {out_dir / 'report.md'})")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m esa.report OUT_DIR``: redraw every plot and rewrite report.md from the out-dir's files."""
+    from esa import plots, report_md  # matplotlib only when re-plotting
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not Path(args[0]).is_dir():
+        print("usage: python -m esa.report OUT_DIR", file=sys.stderr)
+        return 2
+    out_dir = Path(args[0])
+    for path in plots.make_plots(out_dir):
+        print(path)
+    print(report_md.write_report(out_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -51,6 +51,30 @@ class Selection:
                            else sc.double().numpy()))
         return [(order[int(tid[j])], int(idx[j]), float(sc[j])) for j in perm]
 
+    def prefix(self, k: int, mode: str, order: list[str]) -> Selection:
+        """The first ``k`` of this selection in its rank order: per tensor for ``per_layer``, overall
+        for ``global`` (``order`` = target names in order).
+
+        Under the total order (score, target order, flat index) the Top-K sets are nested, so the
+        prefix *is* the selection for the smaller k, with the same stored order, at O(k) cost instead
+        of another pass over all scores.  Valid for ``top_k`` and ``bottom_k`` (stored in rank order).
+        """
+        if mode == "per_layer":
+            return Selection(self.kind, {n: i[:k] for n, i in self.indices.items()},
+                             {n: s[:k] for n, s in self.scores.items()})
+        idx: dict[str, list[int]] = {n: [] for n in self.indices}
+        pos_of: dict[str, list[int]] = {}
+        for name, i, _score in self.ranked(order)[:k]:
+            idx[name].append(i)
+        for n in self.indices:  # scores gathered by position so they stay bit-identical fp32
+            pos = {int(v): j for j, v in enumerate(self.indices[n].tolist())}
+            pos_of[n] = [pos[i] for i in idx[n]]
+        return Selection(self.kind, {n: torch.tensor(idx[n], dtype=torch.int64) for n in idx},
+                         {n: self.scores[n][torch.tensor(pos_of[n], dtype=torch.int64)] for n in idx})
+
+
+NESTED = ("bottom_k",)  # controls that are deterministic rankings: smaller k = prefix of a larger k
+
 
 def extreme_k(flat: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
     """Flat indices of the k largest (or smallest) values, ordered by value then index.
@@ -107,20 +131,24 @@ def _sample_excluding(n: int, k: int, excluded: torch.Tensor, rng: np.random.Gen
     return torch.from_numpy(chosen[:k].copy())
 
 
-def _check_k(mode: str, k: int, sizes: dict[str, int], need: int) -> None:
+def check_k(mode: str, k: int, sizes: dict[str, int], need: int, flag: str = "--topk") -> None:
+    """Raise UsageError unless ``need * k`` weights fit (per tensor for per_layer, overall for global).
+
+    ``sizes`` = weight count per target; ``need`` = 2 when random_k must be drawn disjoint from the Top-K.
+    """
     if mode == "per_layer":
         small = min(sizes, key=sizes.get)
         if sizes[small] < need * k:
-            raise UsageError(f"--topk {k} (per_layer) is too large: {small} has only {sizes[small]} weights"
+            raise UsageError(f"{flag} {k} (per_layer) is too large: {small} has only {sizes[small]} weights"
                              + (" and the controls need as many again" if need > 1 else ""))
     elif sum(sizes.values()) < need * k:
-        raise UsageError(f"--topk {k} (global) is too large: the targets hold {sum(sizes.values())} weights"
+        raise UsageError(f"{flag} {k} (global) is too large: the targets hold {sum(sizes.values())} weights"
                          + (" and the controls need as many again" if need > 1 else ""))
 
 
 def top_k(scores: dict[str, torch.Tensor], names: list[str], k: int, mode: str, need: int = 1) -> Selection:
     """The Top-K of ``scores`` (``names`` in target order). ``need=2`` reserves room for controls."""
-    _check_k(mode, k, {n: scores[n].numel() for n in names}, need)
+    check_k(mode, k, {n: scores[n].numel() for n in names}, need)
     if mode == "per_layer":
         indices = {n: extreme_k(scores[n].reshape(-1), k).cpu() for n in names}
     else:
