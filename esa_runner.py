@@ -12,9 +12,9 @@ import argparse
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 
+from esa.cli import guarded
 from esa.config import (
     CONTROLS,
     DATASET_ALIASES,
@@ -158,8 +158,8 @@ def setup_logging(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    verbose = "--verbose" in argv or "-v" in argv
-    try:
+
+    def body() -> int:
         cfg = validate(config_from_args(build_parser().parse_args(argv)))
         setup_logging(cfg.verbose)
         from esa.pipeline import default_out_dir, run  # heavy imports only after the flags are valid
@@ -171,23 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run(cfg)
         return 0
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    except UsageError as exc:
-        if verbose:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted (the manifest says so; the model was restored)", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a crash: one line unless --verbose
-        if verbose:
-            traceback.print_exc()
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: {type(exc).__name__}: {msg} (run with --verbose for the traceback)", file=sys.stderr)
-        return 1
 
+    return guarded(body, argv, "interrupted (the manifest says so; the model was restored)")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,10 +28,10 @@ import os
 import re
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from esa.cli import guarded
 from esa.config import (
     DATASET_ALIASES,
     DATASETS,
@@ -281,13 +281,9 @@ def run(cfg: BaselineConfig) -> int:
     from esa import baseline, models, report
     from esa.data import bos_policy, tokenize
     from esa.evaluate import NaNLossError
-    from esa.outputs import Manifest, check_writable, write_json
+    from esa.outputs import Manifest, prepare_out_dir, write_json
 
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
-    try:
-        check_writable(out_dir)
-    except OSError as exc:
-        raise UsageError(f"--out-dir {str(out_dir)!r} is not writable: {exc.strerror or exc}") from None
+    out_dir = prepare_out_dir(Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg))
     choice = models.resolve_device(cfg.device, cfg.device_explicit, cfg.dtype, cfg.dtype_explicit)
     for w in choice.warnings:
         log.warning(w)
@@ -351,8 +347,8 @@ def run(cfg: BaselineConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    verbose = "--verbose" in argv or "-v" in argv
-    try:
+
+    def body() -> int:
         cfg = config_from_args(build_parser().parse_args(argv))
         from esa.models import DeviceChoice, resolve_device
 
@@ -367,23 +363,8 @@ def main(argv: list[str] | None = None) -> int:
 
         setup_logging(cfg.verbose)
         return run(cfg)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    except UsageError as exc:
-        if verbose:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted (the manifest says so)", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a crash: one line unless --verbose
-        if verbose:
-            traceback.print_exc()
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: {type(exc).__name__}: {msg} (run with --verbose for the traceback)", file=sys.stderr)
-        return 1
 
+    return guarded(body, argv, "interrupted (the manifest says so)")
 
 if __name__ == "__main__":
     sys.exit(main())

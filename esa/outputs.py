@@ -71,6 +71,17 @@ def check_writable(out_dir: Path) -> None:
     os.unlink(tmp)
 
 
+def prepare_out_dir(out_dir: Path) -> Path:
+    """``check_writable`` for the CLIs: an unwritable --out-dir is bad input (UsageError)."""
+    from esa.config import UsageError
+
+    try:
+        check_writable(out_dir)
+    except OSError as exc:
+        raise UsageError(f"--out-dir {str(out_dir)!r} is not writable: {exc.strerror or exc}") from None
+    return out_dir
+
+
 def peak_memory_mb() -> dict:
     out = {"rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from esa import models, outputs, plots, report, report_md, selection, significance
-from esa.config import RunConfig, UsageError
+from esa.config import RunConfig
 from esa.data import TokenData, load_data
 from esa.evaluate import NaNLossError, perplexity
-from esa.outputs import Manifest, check_writable
+from esa.outputs import Manifest, prepare_out_dir
 from esa.perturb import perturbed, resolve_bit
 from esa.score_sample import write_score_sample
 from esa.seeding import numpy_rng, torch_generator
@@ -228,11 +228,7 @@ def write_top_weights(out_dir: Path, results: list[SeedResult], targets: list[Ta
 
 def run(cfg: RunConfig) -> dict:
     """Run the whole job described by ``cfg``; returns the summary that was printed."""
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
-    try:
-        check_writable(out_dir)
-    except OSError as exc:
-        raise UsageError(f"--out-dir {str(out_dir)!r} is not writable: {exc.strerror or exc}") from None
+    out_dir = prepare_out_dir(Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg))
     choice = models.resolve_device(cfg.device, cfg.device_explicit, cfg.dtype, cfg.dtype_explicit)
     for w in choice.warnings:
         log.warning(w)
