@@ -288,7 +288,7 @@ def run(cfg: BaselineConfig) -> int:
     for w in choice.warnings:
         log.warning(w)
     manifest = Manifest(out_dir)
-    try:
+    with manifest.recording():
         with manifest.phase("load_model"):
             log.info("loading model %s on %s in %s", cfg.model, choice.device, choice.dtype)
             model, tok = models.load_model(cfg.model, choice.device, choice.dtype)
@@ -337,12 +337,6 @@ def run(cfg: BaselineConfig) -> int:
             print(f"error: the model produced a NaN loss in {len(failed)} evaluation(s); see "
                   f"{out_dir / 'baseline_results.json'}", file=sys.stderr)
         return 1 if failed else 0
-    except KeyboardInterrupt:
-        manifest.finish("interrupted", "KeyboardInterrupt")
-        raise
-    except BaseException as exc:
-        manifest.finish("failed", f"{type(exc).__name__}: {exc}")
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

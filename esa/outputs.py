@@ -109,6 +109,19 @@ class Manifest:
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[Manifest]:
+        """Record how the block ends: Ctrl-C -> ``interrupted``, any other exception -> ``failed``
+        with the error (the exception still propagates); success is the caller's ``finish``."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.finish("interrupted", "KeyboardInterrupt")
+            raise
+        except BaseException as exc:
+            self.finish("failed", f"{type(exc).__name__}: {exc}")
+            raise
+
     def add_file(self, name: str) -> None:
         if name not in self.files:
             self.files.append(name)

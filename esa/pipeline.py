@@ -237,57 +237,52 @@ def run(cfg: RunConfig) -> dict:
         log.warning("--stability-check needs at least two --seeds: no stability_summary.json is written")
     manifest = Manifest(out_dir)
     try:
-        with manifest.phase("load_model"):
-            log.info("loading model %s on %s in %s", cfg.model, choice.device, choice.dtype)
-            model, tok = models.load_model(cfg.model, choice.device, choice.dtype)
-        targets = find_targets(model, cfg.include, cfg.exclude)
-        check_sizes(cfg, targets)
-        if cfg.perturb == "bit_flip":
-            resolve_bit(targets[0].param.dtype, cfg.bit_index)  # fail before hours of scoring
-        with manifest.phase("load_data"):
-            data = load_data(tok, cfg.data_file, cfg.dataset, cfg.max_length, cfg.eval_samples, cfg.max_samples)
-        report.write_config(out_dir, cfg, choice, model, targets, data, seeds)
-        manifest.add_file("config.json")
-        results = [score_seed(cfg, s, model, targets, data, out_dir, manifest, write_stats=(i == 0))
-                   for i, s in enumerate(seeds)]
-        rows = write_top_weights(out_dir, results, targets)
-        manifest.add_file("top_weights.csv")
-        manifest.data["calibration_windows"] = {str(r.seed): r.calibration_windows for r in results}
-        stab = None
-        if cfg.stability_check and len(results) >= 2:
-            stab = stability_summary([r.top for r in results], list(seeds), cfg.topk, cfg.metric, cfg.mode)
-            outputs.write_json(out_dir / "stability_summary.json", stab)
-            manifest.add_file("stability_summary.json")
-            log.info("Mean Jaccard overlap: %.3f", stab["jaccard_mean"])
-        perturbation = None
-        if cfg.perturb:
-            base = baseline_perplexity(cfg, model, data, manifest)
-            blocks = [evaluate_conditions(cfg, model, targets, data, r, manifest, base) for r in results]
-            sweeps = [evaluate_sweep(cfg, model, targets, data, r, base, b, manifest)
-                      for r, b in zip(results, blocks)] if cfg.topk_sweep else None
-            bit = resolve_bit(targets[0].param.dtype, cfg.bit_index) if cfg.perturb == "bit_flip" else None
-            perturbation = perturbation_results(cfg, data, blocks, bit, sweeps)
-            outputs.write_json(out_dir / "perturbation_results.json", perturbation)
-            manifest.add_file("perturbation_results.json")
-        if cfg.save_plots:
-            with manifest.phase("plots"):
-                for path in plots.make_plots(out_dir):
-                    manifest.add_file(str(path.relative_to(out_dir)))
-        summary = report.summary_table(cfg, perturbation, stab, rows[:5], out_dir)
-        # report.md is always written (text, cheap; plot sections only with --save-plots), after the
-        # manifest says success so that the report quotes the final status; if it fails, the except
-        # below turns the manifest to failed
-        manifest.add_file("report.md")
-        manifest.finish("success")
-        report_md.write_report(out_dir)
-        print(summary, flush=True)
-        return {"out_dir": str(out_dir), "perturbation": perturbation}
-    except KeyboardInterrupt:
-        manifest.finish("interrupted", "KeyboardInterrupt")
-        raise
-    except BaseException as exc:
-        manifest.finish("failed", f"{type(exc).__name__}: {exc}")
-        raise
+        with manifest.recording():
+            with manifest.phase("load_model"):
+                log.info("loading model %s on %s in %s", cfg.model, choice.device, choice.dtype)
+                model, tok = models.load_model(cfg.model, choice.device, choice.dtype)
+            targets = find_targets(model, cfg.include, cfg.exclude)
+            check_sizes(cfg, targets)
+            if cfg.perturb == "bit_flip":
+                resolve_bit(targets[0].param.dtype, cfg.bit_index)  # fail before hours of scoring
+            with manifest.phase("load_data"):
+                data = load_data(tok, cfg.data_file, cfg.dataset, cfg.max_length, cfg.eval_samples, cfg.max_samples)
+            report.write_config(out_dir, cfg, choice, model, targets, data, seeds)
+            manifest.add_file("config.json")
+            results = [score_seed(cfg, s, model, targets, data, out_dir, manifest, write_stats=(i == 0))
+                       for i, s in enumerate(seeds)]
+            rows = write_top_weights(out_dir, results, targets)
+            manifest.add_file("top_weights.csv")
+            manifest.data["calibration_windows"] = {str(r.seed): r.calibration_windows for r in results}
+            stab = None
+            if cfg.stability_check and len(results) >= 2:
+                stab = stability_summary([r.top for r in results], list(seeds), cfg.topk, cfg.metric, cfg.mode)
+                outputs.write_json(out_dir / "stability_summary.json", stab)
+                manifest.add_file("stability_summary.json")
+                log.info("Mean Jaccard overlap: %.3f", stab["jaccard_mean"])
+            perturbation = None
+            if cfg.perturb:
+                base = baseline_perplexity(cfg, model, data, manifest)
+                blocks = [evaluate_conditions(cfg, model, targets, data, r, manifest, base) for r in results]
+                sweeps = [evaluate_sweep(cfg, model, targets, data, r, base, b, manifest)
+                          for r, b in zip(results, blocks)] if cfg.topk_sweep else None
+                bit = resolve_bit(targets[0].param.dtype, cfg.bit_index) if cfg.perturb == "bit_flip" else None
+                perturbation = perturbation_results(cfg, data, blocks, bit, sweeps)
+                outputs.write_json(out_dir / "perturbation_results.json", perturbation)
+                manifest.add_file("perturbation_results.json")
+            if cfg.save_plots:
+                with manifest.phase("plots"):
+                    for path in plots.make_plots(out_dir):
+                        manifest.add_file(str(path.relative_to(out_dir)))
+            summary = report.summary_table(cfg, perturbation, stab, rows[:5], out_dir)
+            # report.md is always written (text, cheap; plot sections only with --save-plots), after the
+            # manifest says success so that the report quotes the final status; if it fails, the except
+            # below turns the manifest to failed
+            manifest.add_file("report.md")
+            manifest.finish("success")
+            report_md.write_report(out_dir)
+            print(summary, flush=True)
+            return {"out_dir": str(out_dir), "perturbation": perturbation}
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
