@@ -185,8 +185,9 @@ def config_from_args(ns: argparse.Namespace) -> BaselineConfig:
 
 
 def default_out_dir(cfg: BaselineConfig) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(cfg.model).name if cfg.model.endswith(".gguf") else cfg.model)
-    return Path("outputs") / f"baseline_{slug.strip('_') or 'model'}_{cfg.preset}{time.strftime('_%Y%m%d-%H%M%S')}"
+    from esa.models import model_slug
+
+    return Path("outputs") / f"baseline_{model_slug(cfg.model)}_{cfg.preset}{time.strftime('_%Y%m%d-%H%M%S')}"
 
 
 def stride_label(stride: int | str | None) -> str:

@@ -74,9 +74,6 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-_tokenize = tokenize  # the earlier private name
-
-
 def _windows(tokens: torch.Tensor, max_length: int, policy: dict, limit: int | None = None) -> torch.Tensor:
     """Tile ``tokens`` into non-overlapping windows of ``max_length`` (BOS included if policy)."""
     bos = policy["policy"] == "prepend_bos"
@@ -103,7 +100,7 @@ def _split_tokens(tokenizer, rows, needed_tokens: int) -> torch.Tensor:
     for i, row in enumerate(rows):
         buf.append(row["text"])
         if len(buf) >= 2000 or i == len(rows) - 1:
-            t = _tokenize(tokenizer, ROW_JOIN.join(buf) + ROW_JOIN)
+            t = tokenize(tokenizer, ROW_JOIN.join(buf) + ROW_JOIN)
             chunks.append(t)
             have += len(t)
             buf = []
@@ -155,7 +152,7 @@ def from_text(text: str, source: str, tokenizer, max_length: int, eval_samples: 
     """Split one text: first ``eval_samples`` windows evaluate, the rest form the calibration pool."""
     if not text.strip():
         raise UsageError(f"{source} contains no text")
-    tokens = _tokenize(tokenizer, text)
+    tokens = tokenize(tokenizer, text)
     body = max_length - 1 if policy["policy"] == "prepend_bos" else max_length
     ev = _windows(tokens, max_length, policy, eval_samples)
     pool = _windows(tokens[len(ev) * body:], max_length, policy)

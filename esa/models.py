@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -59,6 +60,12 @@ def resolve_device(device: str, device_explicit: bool, dtype: str, dtype_explici
                         "(bf16/fp16 matmuls are several times slower on cpu; pass --dtype to force)")
         dtype = "fp32"
     return DeviceChoice(device, dtype, tuple(warnings))
+
+
+def model_slug(model: str) -> str:
+    """A filesystem-safe short name for a model id, directory or .gguf path (for default out-dirs)."""
+    name = Path(model).name if model.endswith(".gguf") else model
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
 
 
 def cache_dir() -> Path:

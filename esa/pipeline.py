@@ -10,7 +10,6 @@ import ctypes
 import gc
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +59,7 @@ def release_memory() -> None:
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(cfg.model).name if cfg.model.endswith(".gguf") else cfg.model)
-    parts = [slug.strip("_") or "model", cfg.metric, cfg.mode, f"k{cfg.topk}"]
+    parts = [models.model_slug(cfg.model), cfg.metric, cfg.mode, f"k{cfg.topk}"]
     if cfg.perturb:
         parts.append(cfg.perturb)
     return Path("outputs") / ("_".join(parts) + time.strftime("_%Y%m%d-%H%M%S"))
