@@ -30,6 +30,7 @@ from esa.config import (
     RunConfig,
     UsageError,
     canonical,
+    default_out_dir,
     parse_controls,
     parse_seeds,
     parse_topk_sweep,
@@ -71,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default=None,
                    help="weight dtype (default: bf16; on cpu without this flag, fp32 with a warning). "
                         "Scores always accumulate in fp32")
+    g = p.add_argument_group("large models (see README 'Large models'; data parallel: torchrun --nproc_per_node N)")
+    g.add_argument("--device-map", choices=("auto",), default=None,
+                   help="spread the model and its fp32 score accumulators over all visible GPUs with accelerate")
+    g.add_argument("--offload", action="store_true",
+                   help="with --device-map auto: also place (and run) layers in CPU memory when the GPUs are full")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder block in backward instead of storing its activations "
+                        "(long contexts; gradient metrics only; same scores, slower)")
     g = p.add_argument_group("data")
     g.add_argument("--data-file", default=None, help="UTF-8 text file: evaluation = first --eval-samples "
                    "windows, calibration = windows drawn per seed from the text after them")
@@ -129,6 +138,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     return RunConfig(
         model=ns.model,
         device=ns.device or "cuda", device_explicit=ns.device is not None,
+        device_map=ns.device_map, offload=ns.offload, gradient_checkpointing=ns.gradient_checkpointing,
         dtype=ns.dtype or "bf16", dtype_explicit=ns.dtype is not None,
         metric=canonical(ns.metric, METRICS, METRIC_ALIASES, "--metric"),
         mode=ns.mode, topk=ns.topk, topk_sweep=parse_topk_sweep(ns.topk_sweep),
@@ -149,11 +159,12 @@ def setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     for noisy in ("urllib3", "filelock", "fsspec", "httpx", "httpcore", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks for all ranks
+        logging.getLogger().setLevel(logging.WARNING)
     if not verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        import transformers
-
-        transformers.logging.set_verbosity_error()
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg = validate(config_from_args(build_parser().parse_args(argv)))
         setup_logging(cfg.verbose)
-        from esa.pipeline import default_out_dir, run  # heavy imports only after the flags are valid
-
         if cfg.dry_run:
             from esa.plan import describe
 
             print(describe(cfg, Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)))
             return 0
+        from esa.pipeline import run  # heavy imports (transformers, matplotlib, scipy) only for a real run
+
         run(cfg)
         return 0
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class UsageError(Exception):
@@ -108,6 +110,20 @@ def parse_controls(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def model_slug(model: str) -> str:
+    """A filesystem-safe short name for a model id, directory or .gguf path (for default out-dirs)."""
+    name = Path(model).name if model.endswith(".gguf") else model
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    """``outputs/<model>_<metric>_<mode>_k<k>[_<perturb>]_<timestamp>``."""
+    parts = [model_slug(cfg.model), cfg.metric, cfg.mode, f"k{cfg.topk}"]
+    if cfg.perturb:
+        parts.append(cfg.perturb)
+    return Path("outputs") / ("_".join(parts) + time.strftime("_%Y%m%d-%H%M%S"))
+
+
 def compile_patterns(patterns: tuple[str, ...], flag: str) -> tuple[re.Pattern[str], ...]:
     """Compile --include/--exclude regexes, turning syntax errors into usage errors."""
     out = []
@@ -128,6 +144,9 @@ class RunConfig:
     device_explicit: bool = False
     dtype: str = "bf16"
     dtype_explicit: bool = False
+    device_map: str | None = None  # "auto": accelerate's big-model dispatch over the GPUs (and CPU with offload)
+    offload: bool = False
+    gradient_checkpointing: bool = False
     metric: str = "grad_x_weight"
     mode: str = "per_layer"
     topk: int = 100
@@ -192,6 +211,15 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise UsageError(f"--data-file {cfg.data_file!r} does not exist or is not a file")
         if os.path.getsize(cfg.data_file) == 0:
             raise UsageError(f"--data-file {cfg.data_file!r} is empty")
+    if cfg.device_map not in (None, "auto"):
+        raise UsageError(f"--device-map only supports 'auto', got {cfg.device_map!r}")
+    if cfg.offload and cfg.device_map is None:
+        raise UsageError("--offload needs --device-map auto (it lets the device map use CPU memory)")
+    if cfg.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--device-map auto cannot be combined with torchrun: each rank would spread its own "
+                         "copy over all GPUs; use one or the other")
+    if cfg.gradient_checkpointing and cfg.metric in ("magnitude", "act_mag"):
+        raise UsageError(f"--gradient-checkpointing only applies to gradient metrics, not {cfg.metric}")
     compile_patterns(cfg.include, "--include")
     compile_patterns(cfg.exclude, "--exclude")
     return cfg

@@ -17,7 +17,7 @@ N predicted tokens of the calibration windows, ``L = (1/N) sum NLL``.  Accumulat
   (J_t = Jacobian of token t's logits), the positive-semidefinite part of the Hessian of the
   cross-entropy; for softmax outputs it equals the true Fisher.  Estimated by Monte Carlo: labels
   ``y_t ~ p_t`` are sampled from the model's own predictive distribution (seed stream
-  ``mc_labels``), and ``E_y[(d/dw sum_t log p(y_t))^2] = sum_t GN_t`` because the per-token score
+  ``mc_labels:<window index>``), and ``E_y[(d/dw sum_t log p(y_t))^2] = sum_t GN_t`` because the per-token score
   functions have zero mean and independent labels.  So the estimate is
   ``(1/(N*S)) sum_windows sum_{s<S} (d/dw sum_t log p(y^s_t | x))^2`` with S = --curvature-samples
   draws per window (one forward, S backward passes).  Unlike ``grad_squared`` (empirical Fisher:
@@ -32,7 +32,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from esa import distributed
 from esa.evaluate import batches, nll_sum
+from esa.models import input_device
 from esa.seeding import torch_generator
 from esa.sensitivity import MetricContext, Scores, grad_accumulators, register
 from esa.targets import Target
@@ -71,19 +73,21 @@ def _rademacher(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor
 
 
 def hutchinson_signed(model, targets: list[Target], windows: torch.Tensor, batch_size: int, probes: int,
-                      seed: int) -> dict[str, torch.Tensor]:
+                      seed: int, n_windows: int | None = None) -> dict[str, torch.Tensor]:
     """The signed Hutchinson estimate of diag(H) (fp32), ``probes`` Rademacher probes.
 
     ``z * (H z)`` is linear in H = sum_b H_b over batches, so each batch's gradient graph is built
     once and reused by every probe (``retain_graph``); probe p's vector is regenerated per batch
     from its own generator ``(seed, "hutchinson:p")`` instead of keeping P model-sized vectors.
     Cost per batch: one forward+backward with ``create_graph`` plus one Hessian-vector product
-    (a second backward through that graph, covering all targets) per probe.
+    (a second backward through that graph, covering all targets) per probe.  ``n_windows`` is the
+    number of windows over all ranks (default ``len(windows)``); every rank draws the same probes,
+    so the per-rank sums add up to the single-process estimate.
     """
-    n_tokens = windows.shape[0] * (windows.shape[1] - 1)
-    device = targets[0].param.device
+    n_tokens = (n_windows or windows.shape[0]) * (windows.shape[1] - 1)
+    device = input_device(model)
     params = [t.param for t in targets]
-    est = [torch.zeros(t.shape, dtype=torch.float32, device=device) for t in targets]
+    est = [torch.zeros(t.shape, dtype=torch.float32, device=t.param.device) for t in targets]
     with eager_attention(model), _grads_on(targets):
         for batch in batches(windows, batch_size, device, "hutchinson"):
             grads = torch.autograd.grad(nll_sum(model, batch) / n_tokens, params, create_graph=True)
@@ -95,12 +99,14 @@ def hutchinson_signed(model, targets: list[Target], windows: torch.Tensor, batch
                     e.addcmul_(zi.float(), h.float())
                 del z, hz
             del grads
+    distributed.all_reduce_sum(est)
     return {t.name: e.div_(probes) for t, e in zip(targets, est)}
 
 
 @register("hutchinson_diag")
 def hutchinson_diag(model, targets, windows, batch_size, ctx: MetricContext) -> Scores:
-    signed = hutchinson_signed(model, targets, windows, batch_size, ctx.hutchinson_samples, ctx.seed)
+    signed = hutchinson_signed(model, targets, windows, batch_size, ctx.hutchinson_samples, ctx.seed,
+                               ctx.n_windows)
     for name, e in signed.items():
         ctx.extra_stats[name] = {"signed_estimate": {
             "mean": float(e.double().mean()), "min": float(e.min()), "max": float(e.max()),
@@ -111,15 +117,18 @@ def hutchinson_diag(model, targets, windows, batch_size, ctx: MetricContext) -> 
 @register("hessian_diag")
 def hessian_diag(model, targets, windows, batch_size, ctx: MetricContext) -> Scores:
     samples = ctx.curvature_samples
-    n_tokens = windows.shape[0] * (windows.shape[1] - 1)
-    device = targets[0].param.device
-    gen = torch_generator(ctx.seed, "mc_labels", device=device)
+    n_tokens = ctx.n_windows * (windows.shape[1] - 1)
+    device = input_device(model)
     with grad_accumulators(targets, lambda g: g.square()) as acc:
-        for window in batches(windows, 1, device, "hessian_diag"):
+        for i, window in enumerate(batches(windows, 1, device, "hessian_diag")):
+            # one label stream per window (by its index over all ranks), so that a window's labels
+            # do not depend on which rank scores it or on the windows before it
+            gen = torch_generator(ctx.seed, f"mc_labels:{ctx.window_offset + i}", device=device)
             logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
             probs = torch.softmax(logits.detach(), dim=-1)
             for s in range(samples):
                 y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
                 F.cross_entropy(logits, y, reduction="sum").backward(retain_graph=s < samples - 1)
             del logits, probs
+    distributed.all_reduce_sum(acc.values())
     return {name: a.div_(n_tokens * samples) for name, a in acc.items()}

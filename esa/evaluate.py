@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from esa.models import assert_eval
+from esa import distributed
+from esa.models import assert_eval, input_device
 
 
 class NaNLossError(FloatingPointError):
@@ -119,11 +120,15 @@ class NLLTotal:
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> dict:
     """``{"ppl", "mean_nll", "nll_sum", "tokens"}`` of ``model`` on ``windows`` ``[W, L]``.
 
-    Every window predicts its ``L - 1`` next tokens (``n_context = 1``).
+    Every window predicts its ``L - 1`` next tokens (``n_context = 1``).  Under torchrun each rank
+    scores its contiguous share and the float64 sums are all-reduced before the result, so every
+    rank returns the perplexity of all windows (and a NaN on any rank is a NaN on all of them).
     """
     assert_eval(model)
-    device = next(model.parameters()).device
+    local, _ = distributed.shard(windows)
     total = NLLTotal()
-    for batch in batches(windows, batch_size, device, "evaluate"):
+    for batch in batches(local, batch_size, input_device(model), "evaluate"):
         total.add(score_tokens(model, batch, [1] * batch.shape[0]))
+    nll, tokens = distributed.all_reduce_floats([total.nll_sum, float(total.tokens)])
+    total.nll_sum, total.tokens = nll, int(tokens)
     return total.result()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from esa.config import EMBEDDED_MODEL, UsageError
+from esa.config import EMBEDDED_MODEL, UsageError, model_slug  # noqa: F401  (re-exported)
 from esa.hub import offline_unless_reachable
 
 log = logging.getLogger("esa")
@@ -60,12 +59,6 @@ def resolve_device(device: str, device_explicit: bool, dtype: str, dtype_explici
                         "(bf16/fp16 matmuls are several times slower on cpu; pass --dtype to force)")
         dtype = "fp32"
     return DeviceChoice(device, dtype, tuple(warnings))
-
-
-def model_slug(model: str) -> str:
-    """A filesystem-safe short name for a model id, directory or .gguf path (for default out-dirs)."""
-    name = Path(model).name if model.endswith(".gguf") else model
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
 
 
 def cache_dir() -> Path:
@@ -144,8 +137,17 @@ def _source(model: str) -> tuple[str, dict]:
     return (str(p) if looks_local else model), {}
 
 
-def load_model(model: str, device: str, dtype: str):
-    """Load ``(model, tokenizer)`` in eval mode on ``device`` with weights in ``dtype``."""
+def prepare_source(model: str) -> None:
+    """Do the one-time work of locating ``model`` (convert the embedded GGUF) without loading it."""
+    _source(model)
+
+
+def load_model(model: str, device: str, dtype: str, device_map: str | None = None, offload: bool = False):
+    """Load ``(model, tokenizer)`` in eval mode on ``device`` with weights in ``dtype``.
+
+    ``device_map="auto"`` spreads the model over the visible GPUs (and the CPU with ``offload``)
+    with budgets that leave room for the fp32 score accumulators; see :mod:`esa.bigmodel`.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, kwargs = _source(model)
@@ -153,7 +155,12 @@ def load_model(model: str, device: str, dtype: str):
     try:
         with offline_unless_reachable() as online:
             tok = AutoTokenizer.from_pretrained(src, **kwargs)
-            net = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **kwargs)
+            if device_map is not None:
+                from esa.bigmodel import load_dispatched
+
+                net = load_dispatched(src, kwargs, DTYPES[dtype], offload)
+            else:
+                net = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "" if online else " (the Hugging Face Hub is unreachable, so only the local cache was tried)"
@@ -162,11 +169,21 @@ def load_model(model: str, device: str, dtype: str):
         # Windows are equal-length so padding never happens; a pad id is still set so that
         # batching code and generation utilities never fail on it.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-    net.to(device)
+    if device_map is None:
+        net.to(device)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
     return net, tok
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where token ids must go: the input embedding's device (the first device under a device map)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
 
 
 def describe(model: torch.nn.Module) -> dict:

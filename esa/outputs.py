@@ -92,7 +92,9 @@ def peak_memory_mb() -> dict:
 class Manifest:
     """``experiment_manifest.json``: status (running/success/failed/interrupted), error, timings."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, write: bool = True):
+        # write=False: the manifest of a torchrun rank other than 0, which keeps timings but writes nothing
+        self.write = write
         self.path = out_dir / "experiment_manifest.json"
         self.started = time.time()
         self.timings: dict[str, float] = {}
@@ -127,6 +129,8 @@ class Manifest:
             self.files.append(name)
 
     def save(self) -> None:
+        if not self.write:
+            return
         self.data.update(timings_s=self.timings, wall_time_s=time.time() - self.started,
                          peak_memory=peak_memory_mb(), files=self.files)
         write_json(self.path, self.data)

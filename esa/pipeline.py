@@ -10,15 +10,15 @@ import ctypes
 import gc
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from esa import models, outputs, plots, report, report_md, selection, significance
-from esa.config import RunConfig
+from esa import distributed, models, outputs, plots, report, report_md, selection, significance
+from esa.bigmodel import checkpointed_blocks
+from esa.config import RunConfig, default_out_dir
 from esa.data import TokenData, load_data
 from esa.evaluate import NaNLossError, perplexity
 from esa.outputs import Manifest, prepare_out_dir
@@ -58,13 +58,6 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def default_out_dir(cfg: RunConfig) -> Path:
-    parts = [models.model_slug(cfg.model), cfg.metric, cfg.mode, f"k{cfg.topk}"]
-    if cfg.perturb:
-        parts.append(cfg.perturb)
-    return Path("outputs") / ("_".join(parts) + time.strftime("_%Y%m%d-%H%M%S"))
-
-
 def score_seed(cfg: RunConfig, seed: int, model, targets: list[Target], data: TokenData,
                out_dir: Path, manifest: Manifest, write_stats: bool) -> SeedResult:
     """Score with this seed's calibration windows, select Top-K and controls (for --topk and every
@@ -75,12 +68,16 @@ def score_seed(cfg: RunConfig, seed: int, model, targets: list[Target], data: To
     log.info("seed %d: scoring %d target tensors with %s on %d calibration windows", seed, len(targets),
              cfg.metric, len(windows))
     ctx = MetricContext(seed=seed, hutchinson_samples=cfg.hutchinson_samples, curvature_samples=cfg.curvature_samples)
-    with manifest.phase("scoring"):
+    with manifest.phase("scoring"), (checkpointed_blocks(model) if cfg.gradient_checkpointing
+                                      else contextlib.nullcontext()):
         scores = compute_scores(cfg.metric, model, targets, windows, cfg.batch_size, ctx)
     with manifest.phase("selection"):
         chosen_k = select_all(cfg, scores, names, seed)
         top, controls = chosen_k[cfg.topk]
         sweep = {k: v for k, v in chosen_k.items() if k != cfg.topk}
+        distributed.check_same(f"the selections of seed {seed}", repr(
+            [(k, top_k.ranked(names), {c: s.ranked(names) for c, s in ctl.items()})
+             for k, (top_k, ctl) in sorted(chosen_k.items())]).encode())
     if write_stats:
         with manifest.phase("stats"):
             stats = all_stats(scores, {t.name: t.shape for t in targets})
@@ -225,62 +222,99 @@ def write_top_weights(out_dir: Path, results: list[SeedResult], targets: list[Ta
 
 
 def run(cfg: RunConfig) -> dict:
-    """Run the whole job described by ``cfg``; returns the summary that was printed."""
-    out_dir = prepare_out_dir(Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg))
+    """Run the whole job described by ``cfg``; returns the summary that was printed.
+
+    Under torchrun (see :mod:`esa.distributed`) every rank runs this; the ranks share scoring and
+    evaluation, and only rank 0 creates the out-dir, writes files and prints.
+    """
     choice = models.resolve_device(cfg.device, cfg.device_explicit, cfg.dtype, cfg.dtype_explicit)
-    for w in choice.warnings:
-        log.warning(w)
+    device = distributed.local_device(choice.device)
+    with distributed.process_group(device):
+        main = distributed.is_main()
+        out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
+        if main:
+            prepare_out_dir(out_dir)
+            for w in choice.warnings:
+                log.warning(w)
+        if cfg.stability_check and len(cfg.seeds) < 2:
+            log.warning("--stability-check needs at least two --seeds: no stability_summary.json is written")
+        try:
+            return _run(cfg, choice, device, out_dir, Manifest(out_dir, write=main), main)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def _run(cfg: RunConfig, choice: models.DeviceChoice, device: str, out_dir: Path, manifest: Manifest,
+         main: bool) -> dict:
     seeds = cfg.seeds
-    if cfg.stability_check and len(seeds) < 2:
-        log.warning("--stability-check needs at least two --seeds: no stability_summary.json is written")
-    manifest = Manifest(out_dir)
-    try:
-        with manifest.recording():
-            with manifest.phase("load_model"):
-                log.info("loading model %s on %s in %s", cfg.model, choice.device, choice.dtype)
-                model, tok = models.load_model(cfg.model, choice.device, choice.dtype)
-            targets = find_targets(model, cfg.include, cfg.exclude)
-            check_sizes(cfg, targets)
-            if cfg.perturb == "bit_flip":
-                resolve_bit(targets[0].param.dtype, cfg.bit_index)  # fail before hours of scoring
-            with manifest.phase("load_data"):
-                data = load_data(tok, cfg.data_file, cfg.dataset, cfg.max_length, cfg.eval_samples, cfg.max_samples)
+    with manifest.recording():
+        with manifest.phase("load_model"):
+            log.info("loading model %s on %s in %s", cfg.model, device, choice.dtype)
+            if distributed.active():  # rank 0 converts the embedded model once; the others wait for it
+                if main:
+                    models.prepare_source(cfg.model)
+                distributed.barrier()
+            model, tok = models.load_model(cfg.model, device, choice.dtype, cfg.device_map, cfg.offload)
+        targets = find_targets(model, cfg.include, cfg.exclude)
+        check_sizes(cfg, targets)
+        if cfg.perturb == "bit_flip":
+            resolve_bit(targets[0].param.dtype, cfg.bit_index)  # fail before hours of scoring
+        with manifest.phase("load_data"):
+            data = load_data(tok, cfg.data_file, cfg.dataset, cfg.max_length, cfg.eval_samples, cfg.max_samples)
+        if main:
             report.write_config(out_dir, cfg, choice, model, targets, data, seeds)
             manifest.add_file("config.json")
-            results = [score_seed(cfg, s, model, targets, data, out_dir, manifest, write_stats=(i == 0))
-                       for i, s in enumerate(seeds)]
-            rows = write_top_weights(out_dir, results, targets)
-            manifest.add_file("top_weights.csv")
-            manifest.data["calibration_windows"] = {str(r.seed): r.calibration_windows for r in results}
-            stab = None
-            if cfg.stability_check and len(results) >= 2:
-                stab = stability_summary([r.top for r in results], list(seeds), cfg.topk, cfg.metric, cfg.mode)
-                outputs.write_json(out_dir / "stability_summary.json", stab)
-                manifest.add_file("stability_summary.json")
-                log.info("Mean Jaccard overlap: %.3f", stab["jaccard_mean"])
-            perturbation = None
-            if cfg.perturb:
-                base = baseline_perplexity(cfg, model, data, manifest)
-                blocks = [evaluate_conditions(cfg, model, targets, data, r, manifest, base) for r in results]
-                sweeps = [evaluate_sweep(cfg, model, targets, data, r, base, b, manifest)
-                          for r, b in zip(results, blocks)] if cfg.topk_sweep else None
-                bit = resolve_bit(targets[0].param.dtype, cfg.bit_index) if cfg.perturb == "bit_flip" else None
-                perturbation = perturbation_results(cfg, data, blocks, bit, sweeps)
-                outputs.write_json(out_dir / "perturbation_results.json", perturbation)
-                manifest.add_file("perturbation_results.json")
-            if cfg.save_plots:
-                with manifest.phase("plots"):
-                    for path in plots.make_plots(out_dir):
-                        manifest.add_file(str(path.relative_to(out_dir)))
-            summary = report.summary_table(cfg, perturbation, stab, rows[:5], out_dir)
-            # report.md is always written (text, cheap; plot sections only with --save-plots), after the
-            # manifest says success so that the report quotes the final status; if it fails, the except
-            # below turns the manifest to failed
-            manifest.add_file("report.md")
-            manifest.finish("success")
-            report_md.write_report(out_dir)
-            print(summary, flush=True)
+        results = [score_seed(cfg, s, model, targets, data, out_dir, manifest, write_stats=(i == 0 and main))
+                   for i, s in enumerate(seeds)]
+        stab = None
+        if cfg.stability_check and len(results) >= 2:
+            stab = stability_summary([r.top for r in results], list(seeds), cfg.topk, cfg.metric, cfg.mode)
+            log.info("Mean Jaccard overlap: %.3f", stab["jaccard_mean"])
+        rows = _write_selections(out_dir, manifest, results, targets, stab) if main else []
+        perturbation = None
+        if cfg.perturb:
+            base = baseline_perplexity(cfg, model, data, manifest)
+            blocks = [evaluate_conditions(cfg, model, targets, data, r, manifest, base) for r in results]
+            sweeps = [evaluate_sweep(cfg, model, targets, data, r, base, b, manifest)
+                      for r, b in zip(results, blocks)] if cfg.topk_sweep else None
+            bit = resolve_bit(targets[0].param.dtype, cfg.bit_index) if cfg.perturb == "bit_flip" else None
+            perturbation = perturbation_results(cfg, data, blocks, bit, sweeps)
+        if not main:
             return {"out_dir": str(out_dir), "perturbation": perturbation}
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        return _write_results(cfg, out_dir, manifest, rows, stab, perturbation)
+
+
+def _write_selections(out_dir: Path, manifest: Manifest, results: list[SeedResult], targets: list[Target],
+                      stab: dict | None) -> list[list]:
+    """Rank 0, before any evaluation (so a crash there loses nothing): Top-K table and stability."""
+    rows = write_top_weights(out_dir, results, targets)
+    manifest.add_file("top_weights.csv")
+    manifest.data["calibration_windows"] = {str(r.seed): r.calibration_windows for r in results}
+    manifest.data["world_size"] = distributed.world_size()
+    if stab is not None:
+        outputs.write_json(out_dir / "stability_summary.json", stab)
+        manifest.add_file("stability_summary.json")
+    manifest.save()
+    return rows
+
+
+def _write_results(cfg: RunConfig, out_dir: Path, manifest: Manifest, rows: list[list], stab: dict | None,
+                   perturbation: dict | None) -> dict:
+    """Rank 0's remaining files: perturbation results, plots, report.md; then print the summary."""
+    if perturbation is not None:
+        outputs.write_json(out_dir / "perturbation_results.json", perturbation)
+        manifest.add_file("perturbation_results.json")
+    if cfg.save_plots:
+        with manifest.phase("plots"):
+            for path in plots.make_plots(out_dir):
+                manifest.add_file(str(path.relative_to(out_dir)))
+    summary = report.summary_table(cfg, perturbation, stab, rows[:5], out_dir)
+    # report.md is always written (text, cheap; plot sections only with --save-plots), after the
+    # manifest says success so that the report quotes the final status; if it fails, the
+    # recording() block turns the manifest to failed
+    manifest.add_file("report.md")
+    manifest.finish("success")
+    report_md.write_report(out_dir)
+    print(summary, flush=True)
+    return {"out_dir": str(out_dir), "perturbation": perturbation}

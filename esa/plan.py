@@ -22,6 +22,18 @@ def _writable_dir(path: Path) -> bool:
     return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
 
 
+def _scale_out(cfg: RunConfig) -> str:
+    parts = []
+    if cfg.device_map:
+        parts.append(f"device map {cfg.device_map}" + (" with CPU offload" if cfg.offload else ""))
+    if cfg.gradient_checkpointing:
+        parts.append("gradient checkpointing")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        parts.append(f"data parallel over {world} ranks")
+    return ("   (" + ", ".join(parts) + ")") if parts else ""
+
+
 def describe(cfg: RunConfig, out_dir: Path) -> str:
     """The plan as text.  Machine-dependent facts (CUDA missing) are reported, not raised: the
     configuration is valid, this machine just could not run it."""
@@ -56,7 +68,7 @@ def describe(cfg: RunConfig, out_dir: Path) -> str:
            else ""))
     lines += [
         f"model:       {model}",
-        f"device:      {device}   dtype: {dtype}",
+        f"device:      {device}   dtype: {dtype}" + _scale_out(cfg),
         f"data:        {data}; windows of {cfg.max_length} tokens, batch {cfg.batch_size}",
         f"metric:      {cfg.metric}   mode: {cfg.mode}   k: {cfg.topk}",
         f"seeds:       {', '.join(map(str, cfg.seeds))} (primary {cfg.seeds[0]})"

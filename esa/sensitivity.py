@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from esa import distributed
 from esa.evaluate import batches, nll_sum
-from esa.models import assert_eval
+from esa.models import assert_eval, input_device
 from esa.targets import Target
 
 Scores = dict[str, torch.Tensor]
@@ -43,6 +44,10 @@ class MetricContext:
     hutchinson_samples: int = 16
     curvature_samples: int = 1
     extra_stats: dict[str, dict] = field(default_factory=dict)
+    # Set by compute_scores: windows over all ranks (normalisations use this, not the local share)
+    # and the global index of this rank's first window (per-window random streams use it).
+    n_windows: int = 0
+    window_offset: int = 0
 
 
 MetricFn = Callable[[torch.nn.Module, list[Target], torch.Tensor, int, MetricContext], Scores]
@@ -58,11 +63,19 @@ def register(name: str) -> Callable[[MetricFn], MetricFn]:
 
 def compute_scores(metric: str, model: torch.nn.Module, targets: list[Target], windows: torch.Tensor,
                    batch_size: int, ctx: MetricContext | None = None) -> Scores:
-    """Score every target weight with ``metric`` on calibration ``windows`` ``[W, L]`` (int64)."""
+    """Score every target weight with ``metric`` on calibration ``windows`` ``[W, L]`` (int64).
+
+    Under torchrun each rank passes the same ``windows`` and scores its own contiguous share; the
+    metrics sum their fp32 accumulators over ranks (:func:`esa.distributed.all_reduce_sum`) before
+    finishing, so every rank returns the scores of all ``W`` windows.
+    """
     if metric not in METRICS:
         raise NotImplementedError(f"metric {metric} is not implemented yet")
     assert_eval(model)
-    scores = METRICS[metric](model, targets, windows, batch_size, ctx or MetricContext())
+    ctx = ctx or MetricContext()
+    local, offset = distributed.shard(windows)
+    ctx.n_windows, ctx.window_offset = len(windows), offset
+    scores = METRICS[metric](model, targets, local, batch_size, ctx)
     for name, s in scores.items():
         if not torch.isfinite(s).all():
             raise FloatingPointError(f"non-finite {metric} scores in {name}")
@@ -102,11 +115,11 @@ def grad_accumulators(targets: list[Target], transform: Callable[[torch.Tensor],
 
 @register("grad_x_weight")
 def grad_x_weight(model, targets, windows, batch_size, ctx) -> Scores:
-    n_tokens = windows.shape[0] * (windows.shape[1] - 1)
-    device = targets[0].param.device
+    n_tokens = ctx.n_windows * (windows.shape[1] - 1)
     with grad_accumulators(targets, lambda g: g) as acc:
-        for batch in batches(windows, batch_size, device, "grad_x_weight"):
+        for batch in batches(windows, batch_size, input_device(model), "grad_x_weight"):
             (nll_sum(model, batch) / n_tokens).backward()
+    distributed.all_reduce_sum(acc.values())
     # in place: the fp32 accumulator becomes the score, so no second model-sized buffer is made
     return {t.name: acc[t.name].mul_(t.param.detach()).abs_() for t in targets}
 
@@ -114,11 +127,11 @@ def grad_x_weight(model, targets, windows, batch_size, ctx) -> Scores:
 @register("grad_squared")
 def grad_squared(model, targets, windows, batch_size, ctx) -> Scores:
     n_predicted = windows.shape[1] - 1
-    device = targets[0].param.device
     with grad_accumulators(targets, lambda g: g.square()) as acc:
-        for window in batches(windows, 1, device, "grad_squared"):
+        for window in batches(windows, 1, input_device(model), "grad_squared"):
             (nll_sum(model, window) / n_predicted).backward()
-    return {name: a.div_(len(windows)) for name, a in acc.items()}
+    distributed.all_reduce_sum(acc.values())
+    return {name: a.div_(ctx.n_windows) for name, a in acc.items()}
 
 
 @register("magnitude")
@@ -128,7 +141,6 @@ def magnitude(model, targets, windows, batch_size, ctx) -> Scores:
 
 @register("act_mag")
 def act_mag(model, targets, windows, batch_size, ctx) -> Scores:
-    device = targets[0].param.device
     # One fp32 vector per use: sum over tokens of x_j^2 (or token counts for embeddings).
     sumsq: dict[tuple[str, int], torch.Tensor] = {}
     handles = []
@@ -154,12 +166,13 @@ def act_mag(model, targets, windows, batch_size, ctx) -> Scores:
                 sumsq[key] = torch.zeros(t.shape[use.in_axis], dtype=torch.float32, device=t.param.device)
                 handles.append(use.module.register_forward_hook(make_hook(key, use.kind, t.shape[use.in_axis])))
         with torch.no_grad():
-            for batch in batches(windows, batch_size, device, "act_mag"):
+            for batch in batches(windows, batch_size, input_device(model), "act_mag"):
                 batch_shape.append(batch.shape)
                 model(input_ids=batch, use_cache=False)
     finally:
         for h in handles:
             h.remove()
+    distributed.all_reduce_sum(sumsq.values())
     out: Scores = {}
     for t in targets:
         w = t.param.detach().float().abs()
