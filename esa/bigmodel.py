@@ -89,9 +89,12 @@ def load_dispatched(src: str, kwargs: dict, dtype: torch.dtype, offload: bool):
     devices = set(plan.values())
     log.info("device map: %s", {d: sum(v == d for v in plan.values()) for d in devices})
     if devices == {"cpu"} or "cpu" not in devices:
-        return AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map=plan, **kwargs)
-    net = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
-    return dispatch_model(net, device_map=plan, main_device="cpu")
+        net = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map=plan, **kwargs)
+    else:
+        net = dispatch_model(AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs), device_map=plan,
+                             main_device="cpu")
+    net.esa_device_map = {k: str(v) for k, v in plan.items()}  # recorded in config.json
+    return net
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from esa import models, outputs
+from esa import distributed, models, outputs
 from esa.config import RunConfig
 from esa.data import TokenData
 from esa.targets import Target
@@ -55,7 +55,8 @@ def write_config(out_dir: Path, cfg: RunConfig, choice: models.DeviceChoice, mod
     outputs.write_json(out_dir / "config.json", {
         "config": cfg.to_json(),
         "resolved": {"device": choice.device, "device_name": device_name, "dtype": choice.dtype,
-                     "warnings": list(choice.warnings), "seeds_run": list(seeds)},
+                     "warnings": list(choice.warnings), "seeds_run": list(seeds),
+                     "device_map": getattr(model, "esa_device_map", None), "world_size": distributed.world_size()},
         "command": sys.argv,
         "model": models.describe(model),
         "targets": {"count": len(targets), "weights": sum(t.numel for t in targets),
