@@ -79,16 +79,22 @@ NESTED = ("bottom_k",)  # controls that are deterministic rankings: smaller k = 
 def extreme_k(flat: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
     """Flat indices of the k largest (or smallest) values, ordered by value then index.
 
-    Deterministic: ties at the threshold go to the lowest indices.  Memory: a few boolean masks
-    the size of ``flat``.
+    Deterministic: ties at the threshold go to the lowest indices.  Fast path: one ``topk`` of
+    k+1 values; when the (k+1)-th value is strictly beyond the k-th, no tie crosses the cut and the
+    top-k set is exact without touching the tensor again.  Only a tie across the cut (rare for
+    continuous scores) costs a full pass with boolean masks the size of ``flat``.
     """
     n = flat.numel()
     k = min(k, n)
     vals = flat if largest else flat.neg()
-    thr = torch.topk(vals, k, sorted=False).values.min()
-    above = torch.nonzero(vals > thr).squeeze(1)
-    ties = torch.nonzero(vals == thr).squeeze(1)[: k - len(above)]
-    idx = torch.cat([above, ties]).sort().values
+    top = torch.topk(vals, min(k + 1, n), sorted=True)
+    thr = top.values[k - 1]
+    if k == n or bool(top.values[k] < thr):
+        idx = top.indices[:k].sort().values
+    else:
+        above = torch.nonzero(vals > thr).squeeze(1)
+        ties = torch.nonzero(vals == thr).squeeze(1)[: k - len(above)]
+        idx = torch.cat([above, ties]).sort().values
     order = torch.sort(vals[idx], descending=True, stable=True).indices
     return idx[order]
 
