@@ -121,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dose-response: also perturb the Top-K and controls for each of these k (scores are "
                         "computed once per seed); --topk stays the main k of the table, top_weights.csv and "
                         "stability. Each k must fit the weight count like --topk. Needs --perturb")
+    g = p.add_argument_group("super weights (Yu et al. 2024; see also scripts/find_super_weights.py)")
+    g.add_argument("--detect-super-weights", action="store_true",
+                   help="also find super-weight candidates from activation spikes at every MLP down-projection "
+                        "(one forward pass, iterated), validate them by ablation on the evaluation windows, and "
+                        "report their overlap with the metric's Top-K: super_weights.json/.txt/.png")
+    g.add_argument("--super-weight-threshold", type=float, default=50.0,
+                   help="a layer spikes when its max |down-projection output| is this many times the median "
+                        "over layers")
+    g.add_argument("--max-super-weights", type=int, default=8, help="stop the iterative search after this many")
+    g.add_argument("--super-weight-prompt", default=None,
+                   help="detect on this text (default: a neutral sentence)")
+    g.add_argument("--detect-on-data", action="store_true",
+                   help="detect on the first calibration windows instead of a prompt")
     g = p.add_argument_group("seeds")
     g.add_argument("--seeds", default="0", help="comma list of seeds; the first is the primary seed")
     g.add_argument("--stability-check", action="store_true", help="Jaccard overlap of Top-K across seeds")
@@ -150,7 +163,10 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         dataset=canonical(ns.dataset, DATASETS, DATASET_ALIASES, "--dataset") if ns.dataset else None,
         max_samples=ns.max_samples, eval_samples=ns.eval_samples, max_length=ns.max_length,
         batch_size=ns.batch_size, include=tuple(ns.include), exclude=tuple(ns.exclude),
-        out_dir=ns.out_dir, save_plots=ns.save_plots, dry_run=ns.dry_run, verbose=ns.verbose,
+        out_dir=ns.out_dir, save_plots=ns.save_plots, detect_super_weights=ns.detect_super_weights,
+        super_weight_threshold=ns.super_weight_threshold, max_super_weights=ns.max_super_weights,
+        super_weight_prompt=ns.super_weight_prompt, detect_on_data=ns.detect_on_data, dry_run=ns.dry_run,
+        verbose=ns.verbose,
     )
 
 

@@ -12,6 +12,8 @@ and 4 seeds.  Timings are medians of ``--repeats`` runs after one warm-up run.  
 * ``ratio.<metric>`` = metric / plain fwd+bwd (gradient and curvature metrics; targets <= 1.10,
   Hutchinson <= 3 per probe), ``ratio.act_mag`` = act_mag / plain forward (target <= 1.10),
   ``ratio.hutchinson_per_probe`` = hutchinson_diag / (probes * plain fwd+bwd);
+* ``ratio_b1.<metric>`` = grad_squared or hessian_diag / plain fwd+bwd at batch size 1 (both need
+  one backward per window, so this is their cost net of the batching they cannot use);
 * ``memory_ratio.<metric>`` = peak of the metric / peak of plain fwd+bwd (target <= 1.3);
 * ``memory_seeds_1_mb`` / ``memory_seeds_4_mb`` (target: within 10 %);
 * ``perturb_restore_ms.k<k>`` (target k1000 <= 50 ms on CPU).
@@ -47,6 +49,7 @@ from esa.sensitivity import MetricContext, compute_scores  # noqa: E402
 from esa.targets import find_targets  # noqa: E402
 
 GRADIENT_METRICS = ("grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag")
+PER_WINDOW_METRICS = ("grad_squared", "hessian_diag")
 TARGETS = {"ratio.grad_x_weight": 1.10, "ratio.grad_squared": 1.10, "ratio.act_mag": 1.10,
            "ratio.hutchinson_per_probe": 3.0, "memory_ratio.grad_x_weight": 1.3, "perturb_restore_ms.k1000": 50.0}
 
@@ -138,7 +141,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--device", default="auto", choices=("cuda", "cpu", "auto"))
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"))
     p.add_argument("--metrics", default="grad_x_weight,grad_squared,act_mag,magnitude,hessian_diag,hutchinson_diag")
-    p.add_argument("--hutchinson-samples", type=int, default=2)
+    p.add_argument("--hutchinson-samples", type=int, default=4)
     p.add_argument("--perturb-ks", default="1,1000,100000")
     p.add_argument("--no-seeds-memory", action="store_true", help="skip the 1-seed / 4-seed child runs")
     p.add_argument("--repeats", type=int, default=3)
@@ -169,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             for b in batches(windows, args.batch_size, device, "fwd"):
                 nll_sum(model, b)
 
-    def forward_backward():
+    def forward_backward(batch_size: int = args.batch_size):
         for t in targets:
             t.param.requires_grad_(True)
         try:
-            for b in batches(windows, args.batch_size, device, "fwd+bwd"):
+            for b in batches(windows, batch_size, device, "fwd+bwd"):
                 nll_sum(model, b).backward()
         finally:
             for t in targets:
@@ -183,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"model": args.model, "device": device, "dtype": choice.dtype, "tokens": int(windows.numel()),
                  "windows": n_windows, "max_length": args.max_length, "batch_size": args.batch_size,
                  "repeats": args.repeats, "hutchinson_samples": args.hutchinson_samples, "torch_threads":
-                 torch.get_num_threads(), "seconds": {}, "peak_mb": {}, "ratio": {}, "memory_ratio": {}}
-    for name, fn in (("forward", forward), ("forward_backward", forward_backward)):
+                 torch.get_num_threads(), "seconds": {}, "peak_mb": {}, "ratio": {}, "ratio_b1": {}, "memory_ratio": {}}
+    # grad_squared and hessian_diag need one backward per window (per-window granularity), so the
+    # same pass at batch size 1 is reported too: it separates the batching loss from the metric's cost
+    passes = [("forward", forward), ("forward_backward", forward_backward),
+              ("forward_backward_b1", lambda: forward_backward(1))]
+    for name, fn in passes:
         peaks: list[float] = []
         res["seconds"][name] = timed(fn, device, args.repeats, mem, peaks)
         res["peak_mb"][name] = peaks[0]
@@ -203,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         base = "forward" if metric == "act_mag" else "forward_backward"
         if metric in GRADIENT_METRICS or metric == "act_mag":
             res["ratio"][metric] = res["seconds"][metric] / res["seconds"][base]
+        if metric in PER_WINDOW_METRICS:
+            res["ratio_b1"][metric] = res["seconds"][metric] / res["seconds"]["forward_backward_b1"]
     if "hutchinson_diag" in res["ratio"]:
         res["ratio"]["hutchinson_per_probe"] = res["ratio"]["hutchinson_diag"] / args.hutchinson_samples
     release_memory()
@@ -248,7 +257,10 @@ def print_table(res: dict) -> None:
         print(f"{k:<24}{v:>10.3f}{'' if r is None else f'{r:>8.3f}':>8}{'' if m is None else f'{m:>10.0f}':>10}"
               f"{'' if mr is None else f'{mr:>10.3f}':>10}")
     if "hutchinson_per_probe" in res["ratio"]:
-        print(f"{'hutchinson per probe':<24}{'':>10}{res['ratio']['hutchinson_per_probe']:>8.3f}")
+        print(f"{'hutchinson per probe':<24}{'':>10}{res['ratio']['hutchinson_per_probe']:>8.3f}"
+              f"   ({res['hutchinson_samples']} probes)")
+    for k, v in res["ratio_b1"].items():
+        print(f"{k + ' / fwd+bwd at batch 1':<40}{v:>8.3f}")
     for k, v in res["perturb_restore_ms"].items():
         print(f"perturb+restore {k:<8} {v:>8.2f} ms (Top-K), {res['perturb_restore_ms_random'][k]:>8.2f} ms (random)")
     if "memory_seeds_1_mb" in res:

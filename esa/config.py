@@ -170,6 +170,11 @@ class RunConfig:
     exclude: tuple[str, ...] = ()
     out_dir: str | None = None
     save_plots: bool = False
+    detect_super_weights: bool = False  # also run the data-free super-weight detector (esa.superweights)
+    super_weight_threshold: float = 50.0
+    max_super_weights: int = 8
+    super_weight_prompt: str | None = None  # None: the detector's neutral default sentence
+    detect_on_data: bool = False
     dry_run: bool = False
     verbose: bool = False
     extra: dict = field(default_factory=dict)
@@ -220,6 +225,18 @@ def validate(cfg: RunConfig) -> RunConfig:
                          "copy over all GPUs; use one or the other")
     if cfg.gradient_checkpointing and cfg.metric in ("magnitude", "act_mag"):
         raise UsageError(f"--gradient-checkpointing only applies to gradient metrics, not {cfg.metric}")
+    if cfg.detect_super_weights:
+        if not (cfg.super_weight_threshold > 1.0 and cfg.super_weight_threshold != float("inf")):
+            raise UsageError("--super-weight-threshold must be a finite number > 1 (a multiple of the median), "
+                             f"got {cfg.super_weight_threshold}")
+        if cfg.max_super_weights < 1:
+            raise UsageError(f"--max-super-weights must be at least 1, got {cfg.max_super_weights}")
+        if cfg.super_weight_prompt is not None and cfg.detect_on_data:
+            raise UsageError("give either --super-weight-prompt or --detect-on-data, not both")
+        if cfg.super_weight_prompt is not None and not cfg.super_weight_prompt.strip():
+            raise UsageError("--super-weight-prompt is empty")
+    elif cfg.detect_on_data or cfg.super_weight_prompt is not None:
+        raise UsageError("--detect-on-data and --super-weight-prompt need --detect-super-weights")
     compile_patterns(cfg.include, "--include")
     compile_patterns(cfg.exclude, "--exclude")
     return cfg

@@ -119,7 +119,7 @@ def hessian_diag(model, targets, windows, batch_size, ctx: MetricContext) -> Sco
     samples = ctx.curvature_samples
     n_tokens = ctx.n_windows * (windows.shape[1] - 1)
     device = input_device(model)
-    with grad_accumulators(targets, lambda g: g.square()) as acc:
+    with grad_accumulators(targets, square=True) as acc:
         for i, window in enumerate(batches(windows, 1, device, "hessian_diag")):
             # one label stream per window (by its index over all ranks), so that a window's labels
             # do not depend on which rank scores it or on the windows before it

@@ -28,6 +28,14 @@ from esa.seeding import numpy_rng, torch_generator
 from esa.sensitivity import MetricContext, compute_scores
 from esa.stability import stability_summary
 from esa.stats import all_stats
+from esa.superweights import DEFAULT_PROMPT, DETECT_WINDOWS
+from esa.superweights_report import (
+    format_table,
+    overlap_with_topk,
+    prompt_input_ids,
+    run_super_weights,
+    write_super_weights,
+)
 from esa.sweep import sweep_curve
 from esa.targets import Target, find_targets
 
@@ -272,6 +280,13 @@ def _run(cfg: RunConfig, choice: models.DeviceChoice, device: str, out_dir: Path
             stab = stability_summary([r.top for r in results], list(seeds), cfg.topk, cfg.metric, cfg.mode)
             log.info("Mean Jaccard overlap: %.3f", stab["jaccard_mean"])
         rows = _write_selections(out_dir, manifest, results, targets, stab) if main else []
+        if cfg.detect_super_weights:
+            with manifest.phase("super_weights"):
+                sw = super_weights(cfg, model, tok, data, results, [t.name for t in targets])
+            if main:
+                for name in write_super_weights(sw, out_dir):
+                    manifest.add_file(name)
+                log.info("super weights:\n%s", format_table(sw))
         perturbation = None
         if cfg.perturb:
             base = baseline_perplexity(cfg, model, data, manifest)
@@ -283,6 +298,24 @@ def _run(cfg: RunConfig, choice: models.DeviceChoice, device: str, out_dir: Path
         if not main:
             return {"out_dir": str(out_dir), "perturbation": perturbation}
         return _write_results(cfg, out_dir, manifest, rows, stab, perturbation)
+
+
+def super_weights(cfg: RunConfig, model, tok, data: TokenData, results: list[SeedResult], names: list[str]) -> dict:
+    """The data-free detector of :mod:`esa.superweights` (on the prompt or the first calibration
+    windows), its ablation on the evaluation windows, and the candidates' ranks in each seed's Top-K."""
+    if cfg.detect_on_data:
+        input_ids = data.calib_pool[:DETECT_WINDOWS]
+    else:
+        input_ids = prompt_input_ids(tok, cfg.super_weight_prompt or DEFAULT_PROMPT)
+    settings = {"model": cfg.model, "detect_on": "data" if cfg.detect_on_data else "prompt",
+                "prompt": None if cfg.detect_on_data else cfg.super_weight_prompt or DEFAULT_PROMPT,
+                "data_source": data.data_source, "eval_windows": len(data.eval_windows), "max_length": cfg.max_length}
+    sw = run_super_weights(model, input_ids, data.eval_windows, threshold=cfg.super_weight_threshold,
+                           max_super_weights=cfg.max_super_weights, batch_size=cfg.batch_size, seed=cfg.seeds[0],
+                           tokenizer=tok, settings=settings)
+    sw["topk_overlap"] = {"metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk, "per_seed": {
+        str(r.seed): overlap_with_topk(sw["candidates"], r.top.ranked(names)) for r in results}}
+    return sw
 
 
 def _write_selections(out_dir: Path, manifest: Manifest, results: list[SeedResult], targets: list[Target],

@@ -86,28 +86,32 @@ def compute_scores(metric: str, model: torch.nn.Module, targets: list[Target], w
 
 
 @contextlib.contextmanager
-def grad_accumulators(targets: list[Target], transform: Callable[[torch.Tensor], torch.Tensor]
-                      ) -> Iterator[Scores]:
-    """Enable grads on targets and fold each backward's gradient into an fp32 accumulator.
+def grad_accumulators(targets: list[Target], square: bool = False) -> Iterator[Scores]:
+    """Enable grads on targets and fold each backward's gradient (``square``: its square) into an
+    fp32 accumulator.
 
-    A post-accumulate-grad hook adds ``transform(grad.float())`` to the accumulator and frees
-    ``param.grad`` at once, so no model-dtype gradient outlives its backward pass.  The first
-    backward's transformed gradient *becomes* the accumulator (no zero-filled buffer, no extra
-    add), which keeps scoring within a few percent of a plain backward.  For a tied weight
-    autograd sums all uses before the hook fires, so the transform sees the full gradient.
-    A target that no backward reached gets a zero accumulator when the block ends.
+    A post-accumulate-grad hook folds ``grad.float()`` into the accumulator and frees ``param.grad``
+    at once, so no model-dtype gradient outlives its backward pass.  The first backward's gradient
+    *becomes* the accumulator (squared in place), later ones are added by one fused pass
+    (``add_`` / ``addcmul_``): no zero-filled buffer, no temporary, which keeps scoring within a few
+    percent of a plain backward.  In-place work on the gradient is safe: once ``param.grad`` is
+    cleared nothing else references it.  For a tied weight autograd sums all uses before the hook
+    fires, so the hook sees the full gradient.  A target that no backward reached gets a zero
+    accumulator; the dict is in target order when the block ends.
     """
     acc: Scores = {}
     handles = []
 
     def make_hook(name: str):
         def hook(p: torch.Tensor) -> None:
-            g = transform(p.grad.float())
+            g = p.grad.float().contiguous()  # fp32 and contiguous: p.grad itself, else a fresh copy
             p.grad = None
-            if name in acc:
+            if name not in acc:
+                acc[name] = g.square_() if square else g
+            elif square:
+                acc[name].addcmul_(g, g)
+            else:
                 acc[name].add_(g)
-            else:  # own the storage: a fp32 grad passed through an identity transform is p.grad itself
-                acc[name] = g if g.is_contiguous() else g.contiguous()
         return hook
 
     try:
@@ -133,7 +137,7 @@ def grad_accumulators(targets: list[Target], transform: Callable[[torch.Tensor],
 @register("grad_x_weight")
 def grad_x_weight(model, targets, windows, batch_size, ctx) -> Scores:
     n_tokens = ctx.n_windows * (windows.shape[1] - 1)
-    with grad_accumulators(targets, lambda g: g) as acc:
+    with grad_accumulators(targets) as acc:
         for batch in batches(windows, batch_size, input_device(model), "grad_x_weight"):
             (nll_sum(model, batch) / n_tokens).backward()
     distributed.all_reduce_sum(acc.values())
@@ -144,7 +148,7 @@ def grad_x_weight(model, targets, windows, batch_size, ctx) -> Scores:
 @register("grad_squared")
 def grad_squared(model, targets, windows, batch_size, ctx) -> Scores:
     n_predicted = windows.shape[1] - 1
-    with grad_accumulators(targets, lambda g: g.square()) as acc:
+    with grad_accumulators(targets, square=True) as acc:
         for window in batches(windows, 1, input_device(model), "grad_squared"):
             (nll_sum(model, window) / n_predicted).backward()
     distributed.all_reduce_sum(acc.values())

@@ -9,14 +9,17 @@ import pytest
 
 import esa_runner
 from esa.baseline_cli import main as baseline_main
+from esa.superweights_cli import main as super_weights_main
 from tests.realmodels import REPO
 
 DOCS = ("README.md", "README_ESA_RUNBOOK.md", "README_ESA_RUNBOOK_v2.md")
-SCRIPTS = ("esa_runner.py", "phase1_runner_enhanced.py", "scripts/baseline_runner.py")
+SCRIPTS = ("esa_runner.py", "phase1_runner_enhanced.py", "scripts/baseline_runner.py", "scripts/find_super_weights.py")
+MAINS = {"scripts/baseline_runner.py": baseline_main, "scripts/find_super_weights.py": super_weights_main}
 
 
 def commands() -> list[tuple[str, str, list[str]]]:
-    """(doc, script, argv) for each ``python <script> ...`` line in the docs' code blocks."""
+    """(doc, script, argv) for each ``python <script> ...`` line in the docs' code blocks, and for each
+    ``torchrun --nproc_per_node N esa_runner.py ...`` line (script ``torchrun:N``)."""
     out = []
     for doc in DOCS:
         path = REPO / doc
@@ -27,6 +30,8 @@ def commands() -> list[tuple[str, str, list[str]]]:
                 words = shlex.split(line, comments=True)
                 if len(words) >= 2 and words[0] == "python" and words[1] in SCRIPTS:
                     out.append((doc, words[1], words[2:]))
+                elif words[:2] == ["torchrun", "--nproc_per_node"] and words[3] == "esa_runner.py":
+                    out.append((doc, f"torchrun:{words[2]}", words[4:]))
     return out
 
 
@@ -35,7 +40,8 @@ def test_the_docs_exist_and_have_commands():
     for doc in DOCS:
         assert (REPO / doc).is_file(), doc
         assert any(d == doc for d, _, _ in found), f"{doc} has no runnable command"
-    assert {s for _, s, _ in found} == set(SCRIPTS)
+    assert {s for _, s, _ in found if not s.startswith("torchrun:")} == set(SCRIPTS)
+    assert any(s.startswith("torchrun:") for _, s, _ in found)
 
 
 @pytest.mark.parametrize("doc,script,argv", commands(), ids=lambda x: x if isinstance(x, str) else None)
@@ -46,6 +52,8 @@ def test_command_parses_and_validates(doc, script, argv, tmp_path, monkeypatch, 
         argv[argv.index("--out-dir") + 1] = str(tmp_path / "out")
     else:
         argv += ["--out-dir", str(tmp_path / "out")]
-    main = baseline_main if script.endswith("baseline_runner.py") else esa_runner.main
+    if script.startswith("torchrun:"):  # what torchrun tells each rank
+        monkeypatch.setenv("WORLD_SIZE", script.split(":")[1])
+    main = MAINS.get(script, esa_runner.main)
     assert main(argv + ["--dry-run"]) == 0, (doc, script, argv, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
