@@ -123,8 +123,9 @@ def hessian_diag(model, targets, windows, batch_size, ctx: MetricContext) -> Sco
         for i, window in enumerate(batches(windows, 1, device, "hessian_diag")):
             # one label stream per window (by its index over all ranks), so that a window's labels
             # do not depend on which rank scores it or on the windows before it
-            gen = torch_generator(ctx.seed, f"mc_labels:{ctx.window_offset + i}", device=device)
             logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+            # on the logits' device: under a device map the head may not sit where the inputs went
+            gen = torch_generator(ctx.seed, f"mc_labels:{ctx.window_offset + i}", device=logits.device)
             probs = torch.softmax(logits.detach(), dim=-1)
             for s in range(samples):
                 y = torch.multinomial(probs, 1, generator=gen).squeeze(1)

@@ -49,9 +49,10 @@ def nll_sum(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     never exceeds one window (matters for 128k-token vocabularies).
     """
     logits = model(input_ids=input_ids, use_cache=False).logits
+    labels = input_ids.to(logits.device)  # under a device map the head may sit on another device
     total = logits.new_zeros((), dtype=torch.float32)
     for b in range(input_ids.shape[0]):
-        total = total + F.cross_entropy(logits[b, :-1].float(), input_ids[b, 1:], reduction="sum")
+        total = total + F.cross_entropy(logits[b, :-1].float(), labels[b, 1:], reduction="sum")
     return total
 
 
@@ -78,12 +79,13 @@ def score_tokens(model: torch.nn.Module, input_ids: torch.Tensor, n_context: Seq
     window (matters for 128k-token vocabularies and bf16 models).  Call under ``torch.no_grad()``.
     """
     logits = model(input_ids=input_ids, use_cache=False).logits
+    labels = input_ids.to(logits.device)  # under a device map the head may sit on another device
     nll, correct, conf = [], [], []
     for b in range(input_ids.shape[0]):
         k = int(n_context[b])
         if not 1 <= k < input_ids.shape[1]:
             raise ValueError(f"n_context must be in [1, {input_ids.shape[1] - 1}], got {k}")
-        target = input_ids[b, k:]
+        target = labels[b, k:]
         logp = torch.log_softmax(logits[b, k - 1:-1].float(), dim=-1)  # [T, V] predicts target [T]
         nll.append(-logp.gather(-1, target[:, None]).squeeze(-1))
         top_logp, top = logp.max(dim=-1)  # torch.max returns the first index among ties

@@ -280,13 +280,13 @@ def _run(cfg: RunConfig, choice: models.DeviceChoice, device: str, out_dir: Path
             stab = stability_summary([r.top for r in results], list(seeds), cfg.topk, cfg.metric, cfg.mode)
             log.info("Mean Jaccard overlap: %.3f", stab["jaccard_mean"])
         rows = _write_selections(out_dir, manifest, results, targets, stab) if main else []
+        sw = None
         if cfg.detect_super_weights:
             with manifest.phase("super_weights"):
                 sw = super_weights(cfg, model, tok, data, results, [t.name for t in targets])
             if main:
                 for name in write_super_weights(sw, out_dir):
                     manifest.add_file(name)
-                log.info("super weights:\n%s", format_table(sw))
         perturbation = None
         if cfg.perturb:
             base = baseline_perplexity(cfg, model, data, manifest)
@@ -297,7 +297,7 @@ def _run(cfg: RunConfig, choice: models.DeviceChoice, device: str, out_dir: Path
             perturbation = perturbation_results(cfg, data, blocks, bit, sweeps)
         if not main:
             return {"out_dir": str(out_dir), "perturbation": perturbation}
-        return _write_results(cfg, out_dir, manifest, rows, stab, perturbation)
+        return _write_results(cfg, out_dir, manifest, rows, stab, perturbation, sw)
 
 
 def super_weights(cfg: RunConfig, model, tok, data: TokenData, results: list[SeedResult], names: list[str]) -> dict:
@@ -333,7 +333,7 @@ def _write_selections(out_dir: Path, manifest: Manifest, results: list[SeedResul
 
 
 def _write_results(cfg: RunConfig, out_dir: Path, manifest: Manifest, rows: list[list], stab: dict | None,
-                   perturbation: dict | None) -> dict:
+                   perturbation: dict | None, sw: dict | None) -> dict:
     """Rank 0's remaining files: perturbation results, plots, report.md; then print the summary."""
     if perturbation is not None:
         outputs.write_json(out_dir / "perturbation_results.json", perturbation)
@@ -349,5 +349,5 @@ def _write_results(cfg: RunConfig, out_dir: Path, manifest: Manifest, rows: list
     manifest.add_file("report.md")
     manifest.finish("success")
     report_md.write_report(out_dir)
-    print(summary, flush=True)
+    print(summary + (f"\n{format_table(sw)}" if sw is not None else ""), flush=True)
     return {"out_dir": str(out_dir), "perturbation": perturbation}

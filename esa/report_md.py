@@ -25,6 +25,9 @@ FILE_NOTES = {
     "perturbation_results.json": "baseline and every condition's perplexity, per seed, summary, tests, sweep",
     "stability_summary.json": "Jaccard overlap of the Top-K across seeds",
     "report.md": "this report",
+    "super_weights.json": "super-weight candidates (data-free detector), every search pass, ablation, Top-K overlap",
+    "super_weights.txt": "the super-weight table as printed",
+    "super_weights.png": "max |down-projection input| and |output| per layer, spikes marked (PNG)",
 }
 
 
@@ -128,6 +131,31 @@ def file_list(out_dir: Path, manifest: dict | None) -> list[str]:
     return out
 
 
+def super_weights_section(sw: dict | None) -> list[str]:
+    """Candidates with their ablation ratio and rank in each seed's Top-K (``--detect-super-weights``)."""
+    if sw is None:
+        return []
+    cands = sw.get("candidates") or []
+    lines = ["", "## Super weights", "", f"Data-free detector (threshold {sw['settings']['threshold']:g}x the median "
+             f"max |down-projection output|): {count_text(len(cands))} candidate(s); search stopped: {sw['stopped']}."]
+    if not cands:
+        return lines
+    abl = sw.get("ablation") or {}
+    each = abl.get("each") or [{}] * len(cands)
+    per_seed = (sw.get("topk_overlap") or {}).get("per_seed", {})
+    lines += ["", "| # | weight | value | spike | ppl ratio zeroed | Top-K rank per seed |",
+              "|---|---|---|---|---|---|"]
+    for i, (c, ev) in enumerate(zip(cands, each)):
+        ranks = ", ".join(f"{seed}: {rows[i]['rank'] or '-'}" for seed, rows in per_seed.items()) or "-"
+        lines.append(f"| {i + 1} | `{c['param']}`[{c['row']}, {c['col']}] | {c['weight']:.4g} | "
+                     f"{c['output_ratio']:.0f}x | {ratio_text(ev['ratio']) if ev else '-'} | {ranks} |")
+    if abl.get("all"):
+        lines += ["", f"All {len(cands)} zeroed: perplexity {ratio_text(abl['all']['ratio'])}; as many random weights "
+                      f"of the same matrices zeroed: {ratio_text(abl['random']['ratio'])} (baseline "
+                      f"{sci(abl['baseline']['ppl'])} on {abl['windows']} windows)."]
+    return lines
+
+
 def build_report(out_dir: Path) -> str:
     out_dir = Path(out_dir)
     cfg = read_json(out_dir, "config.json")
@@ -148,6 +176,7 @@ def build_report(out_dir: Path) -> str:
         lines.append("No perturbation was run (no `--perturb`): scores and Top-K only.")
         if stab is not None:
             lines += [f"Top-K stability: mean Jaccard {stab['jaccard_mean']:.3f}."]
+    lines += super_weights_section(read_json(out_dir, "super_weights.json"))
     shown = [s for s in PLOTS if (out_dir / "plots" / s.file).is_file()]
     if shown:
         lines += ["", "## Plots"]

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from esa.config import UsageError
-from esa.models import assert_eval
+from esa.models import assert_eval, input_device
 from esa.perturb import perturbed
 from esa.selection import Selection
 from esa.targets import Conv1D, Target, layer_index
@@ -208,9 +208,8 @@ def activation_stats(model: nn.Module, projections: Sequence[Projection], input_
                      ) -> list[LayerStat]:
     """One forward pass (eval mode, ``use_cache=False``) of ``input_ids`` ``[B, T]`` int64; stats per projection."""
     assert_eval(model)
-    device = next(model.parameters()).device
     with recording(projections) as stats:
-        model(input_ids=input_ids.to(device), use_cache=False)
+        model(input_ids=input_ids.to(input_device(model)), use_cache=False)
     if all(s.out_max < 0 for s in stats):
         raise RuntimeError("the forward pass called no MLP output projection; cannot measure activations")
     return stats  # a projection never called (an unrouted MoE expert) keeps out_max = in_max = -1

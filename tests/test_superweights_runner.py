@@ -39,6 +39,8 @@ def test_runner_detects_the_planted_weight_and_reports_its_topk_rank(planted_dir
     files = json.loads((out / "experiment_manifest.json").read_text())["files"]
     assert {"super_weights.json", "super_weights.txt", "super_weights.png"} <= set(files)
     assert "overlap with the grad_x_weight Top-K" in (out / "super_weights.txt").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Super weights" in report and "`model.layers.2.mlp.down_proj.weight`[9, 21]" in report
 
 
 @pytest.mark.parametrize("extra, needle", [
