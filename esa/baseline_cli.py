@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from esa.cli import guarded
+from esa.cli import guarded, start_tool
 from esa.config import (
     DATASET_ALIASES,
     DATASETS,
@@ -282,17 +282,12 @@ def run(cfg: BaselineConfig) -> int:
     from esa import baseline, models, report
     from esa.data import bos_policy, tokenize
     from esa.evaluate import NaNLossError
-    from esa.outputs import Manifest, prepare_out_dir, write_json
+    from esa.outputs import write_json
 
-    out_dir = prepare_out_dir(Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg))
-    choice = models.resolve_device(cfg.device, cfg.device_explicit, cfg.dtype, cfg.dtype_explicit)
-    for w in choice.warnings:
-        log.warning(w)
-    manifest = Manifest(out_dir)
+    out_dir, choice, manifest, model, tok = start_tool(Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg),
+                                                       cfg.model, cfg.device, cfg.device_explicit, cfg.dtype,
+                                                       cfg.dtype_explicit)
     with manifest.recording():
-        with manifest.phase("load_model"):
-            log.info("loading model %s on %s in %s", cfg.model, choice.device, choice.dtype)
-            model, tok = models.load_model(cfg.model, choice.device, choice.dtype)
         contexts = usable_contexts(cfg, model)
         policy = bos_policy(tok)
         with manifest.phase("load_data"):

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from esa.config import UsageError
 
@@ -34,3 +36,23 @@ def guarded(body: Callable[[], int], argv: list[str], interrupted: str) -> int:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"error: {type(exc).__name__}: {msg} (run with --verbose for the traceback)", file=sys.stderr)
         return 1
+
+
+def start_tool(out_dir: Path, model: str, device: str, device_explicit: bool, dtype: str, dtype_explicit: bool):
+    """The shared start of the stand-alone tools (baseline runner, super-weight finder): check and
+    create ``out_dir``, resolve the device (warnings logged), open the manifest and load the model
+    inside its ``load_model`` phase.  Returns ``(out_dir, choice, manifest, model, tokenizer)``; a
+    failed load is recorded in the manifest.  Heavy imports happen here, not at CLI import."""
+    from esa import models
+    from esa.outputs import Manifest, prepare_out_dir
+
+    log = logging.getLogger("esa")
+    out_dir = prepare_out_dir(out_dir)
+    choice = models.resolve_device(device, device_explicit, dtype, dtype_explicit)
+    for w in choice.warnings:
+        log.warning(w)
+    manifest = Manifest(out_dir)
+    with manifest.recording(), manifest.phase("load_model"):
+        log.info("loading model %s on %s in %s", model, choice.device, choice.dtype)
+        net, tok = models.load_model(model, choice.device, choice.dtype)
+    return out_dir, choice, manifest, net, tok

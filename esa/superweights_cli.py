@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from esa.cli import guarded
+from esa.cli import guarded, start_tool
 from esa.config import DEVICES, DTYPES, EMBEDDED_MODEL, UsageError
 from esa.superweights import DEFAULT_MAX_SUPER_WEIGHTS, DEFAULT_PROMPT, DEFAULT_THRESHOLD, DETECT_WINDOWS
 
@@ -151,18 +151,12 @@ def run(cfg: SuperWeightConfig) -> int:
     """Load the model and data, detect, ablate, write the files and print the table; the exit code."""
     from esa import models, report
     from esa.data import load_data
-    from esa.outputs import Manifest, prepare_out_dir
     from esa.superweights_report import format_table, prompt_input_ids, run_super_weights, write_super_weights
 
-    out_dir = prepare_out_dir(Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg))
-    choice = models.resolve_device(cfg.device, cfg.device_explicit, cfg.dtype, cfg.dtype_explicit)
-    for w in choice.warnings:
-        log.warning(w)
-    manifest = Manifest(out_dir)
+    out_dir, choice, manifest, model, tok = start_tool(Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg),
+                                                       cfg.model, cfg.device, cfg.device_explicit, cfg.dtype,
+                                                       cfg.dtype_explicit)
     with manifest.recording():
-        with manifest.phase("load_model"):
-            log.info("loading model %s on %s in %s", cfg.model, choice.device, choice.dtype)
-            model, tok = models.load_model(cfg.model, choice.device, choice.dtype)
         with manifest.phase("load_data"):
             data = load_data(tok, cfg.data_file, None, cfg.max_length, cfg.eval_samples,
                              DETECT_WINDOWS if cfg.detect_on_data else 0)
