@@ -217,3 +217,15 @@ def test_curvature_metrics_run_end_to_end(tiny, tmp_path, metric, extra, capsys)
     one = next(iter(stats.values()))
     assert ("signed_estimate" in one) == (metric == "hutchinson_diag")
     assert one["min"] >= 0.0
+
+
+def test_help_and_dry_run_do_not_import_the_heavy_libraries():
+    """--help and --dry-run must answer fast: transformers, matplotlib and scipy load only for a real run."""
+    code = ("import sys, contextlib, io, esa_runner\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert esa_runner.main(['--dry-run', '--device', 'cpu']) == 0\n"
+            "    assert esa_runner.main(['--help']) == 0\n"
+            "heavy = [m for m in ('transformers', 'matplotlib', 'scipy', 'datasets') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
