@@ -9,16 +9,12 @@ is the super-weight mechanism in miniature: the huge channel dominates every lat
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib.util
-import io
 import json
 
 import pytest
 import torch
 from transformers import (
-    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -32,7 +28,7 @@ from esa import superweights_report as swr
 from esa.perturb import INT_VIEW
 from esa.superweights_report import format_table, plot_spikes, write_super_weights
 from tests.conftest import VOCAB, _finish, _randomize
-from tests.realmodels import REPO, WIKITEXT, embedded_dir
+from tests.realmodels import WIKITEXT
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -301,80 +297,6 @@ def test_overlap_with_topk():
     got = swr.overlap_with_topk(cands, rows)
     assert [(g["in_topk"], g["rank"]) for g in got] == [(True, 2), (False, None)]
     assert swr.overlap_with_topk(cands, [("b.weight", 3)])[1]["rank"] == 1
-
-
-# ---------------------------------------------------------------- command line
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("find_super_weights", REPO / "scripts" / "find_super_weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = load_script().main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-@pytest.mark.parametrize("argv, needle", [
-    (["--threshold", "1"], "--threshold must be"),
-    (["--threshold", "nan"], "--threshold must be"),
-    (["--threshold", "x"], "invalid float"),
-    (["--max-super-weights", "0"], "--max-super-weights must be at least 1"),
-    (["--eval-samples", "0"], "--eval-samples must be"),
-    (["--max-length", "1"], "--max-length must be at least 2"),
-    (["--data-file", "/no/such/file.txt"], "does not exist"),
-    (["--prompt", "  "], "--prompt is empty"),
-    (["--prompt", "hi", "--detect-on-data"], "not both"),
-    (["--model", "/no/such/model"], "does not exist"),
-])
-def test_bad_input_one_line_exit_2(argv, needle, tmp_path):
-    code, _, err = run_cli(argv + ["--device", "cpu", "--out-dir", str(tmp_path / "o")])
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert code == 2 and "Traceback" not in err and len(lines) == 1 and needle in lines[0], err
-
-
-def test_dry_run_loads_nothing(tmp_path, monkeypatch):
-    import esa.models
-
-    monkeypatch.setattr(esa.models, "load_model", lambda *a, **k: pytest.fail("--dry-run loaded the model"))
-    code, out, err = run_cli(["--dry-run", "--device", "cpu", "--threshold", "80", "--out-dir", str(tmp_path / "o")])
-    assert code == 0 and "80x the median" in out and "quick brown fox" in out, err
-    assert not (tmp_path / "o").exists()
-
-
-@pytest.fixture(scope="module")
-def planted_dir(tmp_path_factory):
-    """A 6-layer tiny Llama with the real SmolLM2 tokenizer and a super weight planted at layer 2 [9, 21]."""
-    path = tmp_path_factory.mktemp("planted")
-    tok = AutoTokenizer.from_pretrained(embedded_dir())
-    model = llama6(vocab=len(tok))
-    plant_llama(model, layer=2, row=9, col=21, source=4)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.mark.parametrize("detect", [[], ["--detect-on-data"]], ids=["prompt", "data"])
-def test_cli_writes_json_table_and_plot(planted_dir, tmp_path, detect):
-    out = tmp_path / "o"
-    code, stdout, err = run_cli(["--model", str(planted_dir), "--device", "cpu", "--dtype", "fp32", "--data-file",
-                                 str(WIKITEXT), "--eval-samples", "2", "--max-length", "32", "--batch-size", "2",
-                                 "--out-dir", str(out), *detect])
-    assert code == 0, err
-    res = json.loads((out / "super_weights.json").read_text())
-    assert [(c["layer"], c["row"], c["col"]) for c in res["candidates"]] == [(2, 9, 21)]
-    assert res["settings"]["detect_on"] == ("data" if detect else "prompt")
-    assert res["detection_input"]["sequences"] == (4 if detect else 1)
-    assert res["ablation"]["windows"] == 2 and res["ablation"]["seq_len"] == 32
-    assert (out / "super_weights.png").stat().st_size > 1000 and (out / "super_weights.txt").is_file()
-    manifest = json.loads((out / "experiment_manifest.json").read_text())
-    assert manifest["status"] == "success" and "super_weights.json" in manifest["files"]
-    assert "model.layers.2.mlp.down_proj.weight" in stdout and "random weight" in stdout
 
 
 # ---------------------------------------------------------------- the real embedded model
