@@ -83,9 +83,10 @@ def score_seed(cfg: RunConfig, seed: int, model, targets: list[Target], data: To
         chosen_k = select_all(cfg, scores, names, seed)
         top, controls = chosen_k[cfg.topk]
         sweep = {k: v for k, v in chosen_k.items() if k != cfg.topk}
-        distributed.check_same(f"the selections of seed {seed}", repr(
-            [(k, top_k.ranked(names), {c: s.ranked(names) for c, s in ctl.items()})
-             for k, (top_k, ctl) in sorted(chosen_k.items())]).encode())
+        if distributed.active():  # the payload is O(k) Python objects: only built when there are ranks
+            distributed.check_same(f"the selections of seed {seed}", repr(
+                [(k, top_k.ranked(names), {c: s.ranked(names) for c, s in ctl.items()})
+                 for k, (top_k, ctl) in sorted(chosen_k.items())]).encode())
     if write_stats:
         with manifest.phase("stats"):
             stats = all_stats(scores, {t.name: t.shape for t in targets})
