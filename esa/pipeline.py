@@ -28,11 +28,11 @@ from esa.seeding import numpy_rng, torch_generator
 from esa.sensitivity import MetricContext, compute_scores
 from esa.stability import stability_summary
 from esa.stats import all_stats
-from esa.superweights import DEFAULT_PROMPT, DETECT_WINDOWS
+from esa.superweights import DEFAULT_PROMPT
 from esa.superweights_report import (
+    detection_input,
     format_table,
     overlap_with_topk,
-    prompt_input_ids,
     run_super_weights,
     write_super_weights,
 )
@@ -304,10 +304,7 @@ def _run(cfg: RunConfig, choice: models.DeviceChoice, device: str, out_dir: Path
 def super_weights(cfg: RunConfig, model, tok, data: TokenData, results: list[SeedResult], names: list[str]) -> dict:
     """The data-free detector of :mod:`esa.superweights` (on the prompt or the first calibration
     windows), its ablation on the evaluation windows, and the candidates' ranks in each seed's Top-K."""
-    if cfg.detect_on_data:
-        input_ids = data.calib_pool[:DETECT_WINDOWS]
-    else:
-        input_ids = prompt_input_ids(tok, cfg.super_weight_prompt or DEFAULT_PROMPT)
+    input_ids = detection_input(tok, cfg.super_weight_prompt, data.calib_pool, cfg.detect_on_data)
     settings = {"model": cfg.model, "detect_on": "data" if cfg.detect_on_data else "prompt",
                 "prompt": None if cfg.detect_on_data else cfg.super_weight_prompt or DEFAULT_PROMPT,
                 "data_source": data.data_source, "eval_windows": len(data.eval_windows), "max_length": cfg.max_length}

@@ -151,7 +151,7 @@ def run(cfg: SuperWeightConfig) -> int:
     """Load the model and data, detect, ablate, write the files and print the table; the exit code."""
     from esa import models, report
     from esa.data import load_data
-    from esa.superweights_report import format_table, prompt_input_ids, run_super_weights, write_super_weights
+    from esa.superweights_report import detection_input, format_table, run_super_weights, write_super_weights
 
     out_dir, choice, manifest, model, tok = start_tool(Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg),
                                                        cfg.model, cfg.device, cfg.device_explicit, cfg.dtype,
@@ -160,13 +160,7 @@ def run(cfg: SuperWeightConfig) -> int:
         with manifest.phase("load_data"):
             data = load_data(tok, cfg.data_file, None, cfg.max_length, cfg.eval_samples,
                              DETECT_WINDOWS if cfg.detect_on_data else 0)
-        if cfg.detect_on_data:
-            input_ids = data.calib_pool[:DETECT_WINDOWS]
-        else:
-            try:
-                input_ids = prompt_input_ids(tok, cfg.prompt)
-            except ValueError as exc:
-                raise UsageError(f"--prompt: {exc}") from None
+        input_ids = detection_input(tok, cfg.prompt, data.calib_pool, cfg.detect_on_data)
         settings = {"model": cfg.model, "model_description": models.describe(model),
                     "detect_on": "data" if cfg.detect_on_data else "prompt",
                     "prompt": None if cfg.detect_on_data else cfg.prompt, "data_source": data.data_source,

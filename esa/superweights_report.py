@@ -23,13 +23,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from esa.config import UsageError
 from esa.evaluate import NaNLossError, perplexity
 from esa.outputs import atomic_write_text, write_json
 from esa.plotkit import num, ratio_text, save, sci
 from esa.seeding import numpy_rng
 from esa.superweights import (
     DEFAULT_MAX_SUPER_WEIGHTS,
+    DEFAULT_PROMPT,
     DEFAULT_THRESHOLD,
+    DETECT_WINDOWS,
     SPIKE_RULE,
     Candidate,
     Projection,
@@ -108,6 +111,18 @@ def prompt_input_ids(tokenizer, prompt: str) -> torch.Tensor:
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     return torch.tensor([ids], dtype=torch.long)
+
+
+def detection_input(tokenizer, prompt: str | None, calib_pool: torch.Tensor, on_data: bool) -> torch.Tensor:
+    """What the detector reads, for both command lines: the first :data:`DETECT_WINDOWS` calibration
+    windows (``on_data``) or ``[1, T]`` ids of ``prompt`` (default :data:`DEFAULT_PROMPT`).  A prompt
+    that encodes to no tokens is a usage error."""
+    if on_data:
+        return calib_pool[:DETECT_WINDOWS]
+    try:
+        return prompt_input_ids(tokenizer, prompt or DEFAULT_PROMPT)
+    except ValueError as exc:
+        raise UsageError(f"prompt: {exc}") from None
 
 
 def run_super_weights(model: nn.Module, input_ids: torch.Tensor, windows: torch.Tensor | None, *,
