@@ -83,8 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-file", default=None, help="UTF-8 text file: evaluation = first --eval-samples "
                    "windows, calibration = windows drawn per seed from the text after them")
-    g.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} via the datasets library "
-                   "(calibration = train split, evaluation = test split)")
+    g.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} (calibration = train split, "
+                   "evaluation = test split): from --data-dir, else (wikitext2) the file named by the environment "
+                   "variable ESA_WIKITEXT2_RAW, else the datasets library (cache or hub)")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="with --dataset: a folder holding the raw files wiki.test.raw (and wiki.train.raw; "
+                        "without it calibration comes from the test split after the evaluation windows)")
     g.add_argument("--max-samples", type=int, default=32, help="calibration windows used for scoring")
     g.add_argument("--eval-samples", type=int, default=16, help="evaluation windows used for perplexity")
     g.add_argument("--max-length", type=int, default=256, help="tokens per window")
@@ -159,7 +163,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         perturb_scale=ns.perturb_scale, perturb_prob=ns.perturb_prob, bit_index=ns.bit_index,
         hutchinson_samples=ns.hutchinson_samples, curvature_samples=ns.curvature_samples,
         controls=parse_controls(ns.controls), seeds=parse_seeds(ns.seeds),
-        stability_check=ns.stability_check, data_file=ns.data_file,
+        stability_check=ns.stability_check, data_file=ns.data_file, data_dir=ns.data_dir,
         dataset=canonical(ns.dataset, DATASETS, DATASET_ALIASES, "--dataset") if ns.dataset else None,
         max_samples=ns.max_samples, eval_samples=ns.eval_samples, max_length=ns.max_length,
         batch_size=ns.batch_size, include=tuple(ns.include), exclude=tuple(ns.exclude),

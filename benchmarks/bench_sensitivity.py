@@ -18,7 +18,7 @@ and 4 seeds.  Timings are medians of ``--repeats`` runs after one warm-up run.  
 * ``memory_seeds_1_mb`` / ``memory_seeds_4_mb`` (target: within 10 %);
 * ``perturb_restore_ms.k<k>`` (target k1000 <= 50 ms on CPU).
 
-    python benchmarks/bench_sensitivity.py --data-file ../shared/data/wikitext-2-raw/wiki.test.raw \
+    python benchmarks/bench_sensitivity.py --data-file "$ESA_WIKITEXT2_RAW" \
         --tokens 2048 --json bench.json
 """
 

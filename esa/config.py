@@ -162,6 +162,7 @@ class RunConfig:
     stability_check: bool = False
     data_file: str | None = None
     dataset: str | None = None
+    data_dir: str | None = None  # local raw files of --dataset (wiki.test.raw, wiki.train.raw)
     max_samples: int = 32
     eval_samples: int = 16
     max_length: int = 256
@@ -211,6 +212,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UsageError(f"--perturb-scale must be a non-negative number, got {cfg.perturb_scale}")
     if cfg.data_file is not None and cfg.dataset is not None:
         raise UsageError("give either --data-file or --dataset, not both")
+    if cfg.data_dir is not None:
+        if cfg.dataset is None:
+            raise UsageError("--data-dir needs --dataset (it holds that dataset's raw files)")
+        if not os.path.isdir(cfg.data_dir):
+            raise UsageError(f"--data-dir {cfg.data_dir!r} does not exist or is not a folder")
     if cfg.data_file is not None:
         if not os.path.isfile(cfg.data_file):
             raise UsageError(f"--data-file {cfg.data_file!r} does not exist or is not a file")

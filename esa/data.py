@@ -7,9 +7,13 @@ can enter a loss.  Calibration and evaluation never overlap:
   non-overlapping windows; the calibration pool = the non-overlapping windows tiling the tokens
   after the evaluation region.
 * ``--dataset wikitext2|wikitext103``: evaluation from the test split, calibration from the train
-  split (rows joined with ``"\\n\\n"``).
-* neither: WikiText-2 when ``datasets`` can load it (cache or hub, failing fast offline), else the
-  bundled original sample corpus, with one warning.
+  split.  Local raw files come first: ``--data-dir DIR`` holding ``wiki.test.raw`` (and
+  ``wiki.train.raw``), or, for WikiText-2, the environment variable ``ESA_WIKITEXT2_RAW`` naming
+  ``wiki.test.raw`` or its folder.  Otherwise the ``datasets`` library (rows joined with
+  ``"\\n\\n"``), failing fast offline.
+* neither: WikiText-2 as above when it is available, else the bundled original sample corpus, with
+  one warning.  Only an availability failure (offline, not cached, unreachable) falls back; any
+  other error of ``datasets`` is raised, and a broken install is a usage error naming the cause.
 
 BOS policy: when the tokenizer itself prepends a BOS token to encoded text (``add_bos``), every
 window starts with BOS followed by ``max_length - 1`` text tokens, as the model saw in training;
@@ -18,10 +22,13 @@ otherwise windows are raw text tokens.  The policy is recorded in config.json.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +41,8 @@ log = logging.getLogger("esa")
 HF_DATASETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1"), "wikitext103": ("wikitext", "wikitext-103-raw-v1")}
 ROW_JOIN = "\n\n"  # the Hugging Face perplexity guide's convention for joining dataset rows
 POOL_FACTOR = 64  # calibration pool from a dataset split holds up to 64x the windows needed
+WIKITEXT2_ENV = "ESA_WIKITEXT2_RAW"  # path of a local WikiText-2 wiki.test.raw (or its folder)
+RAW_SPLIT_FILES = {"test": "wiki.test.raw", "validation": "wiki.valid.raw", "train": "wiki.train.raw"}
 
 
 @dataclass(frozen=True)
@@ -94,47 +103,146 @@ def _load_split(name: str, split: str):
     return datasets.load_dataset(path, conf, split=split)
 
 
-def _split_tokens(tokenizer, rows, needed_tokens: int) -> torch.Tensor:
-    """Tokenize rows joined with ROW_JOIN, stopping once ``needed_tokens`` are collected."""
+def unavailable_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the dataset cannot be reached or is not cached".
+
+    Only these may switch to another corpus: a bug, or a ``datasets`` version that changed its
+    API, must surface instead of silently changing the evaluation text."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]  # datasets: ConnectionError offline
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+        errors += [LocalEntryNotFoundError, OfflineModeIsEnabled]
+    with contextlib.suppress(ImportError):
+        import requests
+
+        errors += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    with contextlib.suppress(ImportError):
+        import httpx
+
+        errors.append(httpx.TransportError)
+    return tuple(errors)
+
+
+def _chunk_tokens(tokenizer, texts: Iterable[str], joiner: str, needed_tokens: int) -> torch.Tensor:
+    """Tokenize ``texts`` joined with ``joiner`` in chunks of 2000, stopping once ``needed_tokens``
+    are collected (a dataset split can be far larger than what the windows need)."""
     chunks, have, buf = [], 0, []
-    for i, row in enumerate(rows):
-        buf.append(row["text"])
-        if len(buf) >= 2000 or i == len(rows) - 1:
-            t = tokenize(tokenizer, ROW_JOIN.join(buf) + ROW_JOIN)
-            chunks.append(t)
-            have += len(t)
-            buf = []
+
+    def flush() -> None:
+        nonlocal have, buf
+        t = tokenize(tokenizer, joiner.join(buf) + joiner)
+        chunks.append(t)
+        have += len(t)
+        buf = []
+
+    for text in texts:
+        buf.append(text)
+        if len(buf) >= 2000:
+            flush()
             if have >= needed_tokens:
                 break
+    if buf and have < needed_tokens:
+        flush()
     return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
 
 
-def load_splits(name: str, splits: tuple[str, ...], required: bool, hint: str = "use --data-file PATH instead"):
-    """The ``splits`` of dataset ``name`` (a list), failing fast offline.
+@dataclass(frozen=True)
+class LocalRaw:
+    """Local raw files of a dataset: the test split, the train split if present, and who named them."""
 
-    Unloadable: a UsageError if ``required`` (ending with ``hint``), else ``None``.
+    test: Path
+    train: Path | None
+    via: str  # "--data-dir DIR" or "ESA_WIKITEXT2_RAW"
+
+
+def local_raw_files(name: str, data_dir: str | None) -> LocalRaw | None:
+    """``--data-dir`` (any dataset), else ``ESA_WIKITEXT2_RAW`` (WikiText-2 only), else ``None``.
+
+    A path that is given but holds no ``wiki.test.raw`` is a usage error, never a silent switch to
+    the ``datasets`` library or the bundled corpus."""
+    if data_dir is not None:
+        test, via = Path(data_dir) / RAW_SPLIT_FILES["test"], f"--data-dir {data_dir}"
+        if not test.is_file():
+            raise UsageError(f"--data-dir {data_dir!r} holds no {RAW_SPLIT_FILES['test']}")
+    elif name == "wikitext2" and os.environ.get(WIKITEXT2_ENV):
+        given = Path(os.environ[WIKITEXT2_ENV])
+        test, via = (given / RAW_SPLIT_FILES["test"] if given.is_dir() else given), WIKITEXT2_ENV
+        if not test.is_file():
+            raise UsageError(f"{WIKITEXT2_ENV}={str(given)!r} is not a file (name WikiText-2's "
+                             f"{RAW_SPLIT_FILES['test']} or the folder holding it, or unset the variable)")
+    else:
+        return None
+    train = test.parent / RAW_SPLIT_FILES["train"]
+    return LocalRaw(test.resolve(), train.resolve() if train.is_file() else None, via)
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {str(path)!r} is not UTF-8 text") from None
+
+
+def from_local_raw(name: str, raw: LocalRaw, tokenizer, max_length: int, eval_samples: int, max_samples: int,
+                   policy: dict) -> TokenData:
+    """Evaluation = the first windows of the local test split (the same windows as ``--data-file``
+    on that file); calibration = the train split, or, without ``wiki.train.raw``, the test split's
+    windows after the evaluation region (warned and recorded)."""
+    kw = dict(max_length=max_length, eval_samples=eval_samples, max_samples=max_samples, policy=policy)
+    test = _read_text(raw.test, raw.via)
+    if raw.train is None:
+        log.warning("%s: no %s beside %s, so calibration windows come from the test split after the evaluation "
+                    "windows (disjoint from them)", raw.via, RAW_SPLIT_FILES["train"], raw.test)
+        return from_text(test, f"local:{name} raw files via {raw.via} (eval = first windows of {raw.test}, "
+                         f"calibration = windows after them: no {RAW_SPLIT_FILES['train']})", tokenizer, **kw)
+    ev = _windows(tokenize(tokenizer, test), max_length, policy, eval_samples)
+    lines = _read_text(raw.train, raw.via).splitlines(keepends=True)
+    pool = _windows(_chunk_tokens(tokenizer, lines, "", POOL_FACTOR * max_samples * max_length), max_length, policy)
+    source = f"local:{name} raw files via {raw.via} (eval = {raw.test}, calibration = {raw.train})"
+    return _check(TokenData(ev, pool, source, policy), eval_samples, max_samples, source)
+
+
+def load_splits(name: str, splits: tuple[str, ...], required: bool, hint: str = "use --data-file PATH instead"):
+    """The ``splits`` of dataset ``name`` from the ``datasets`` library (a list), failing fast offline.
+
+    Unavailable (offline and not cached, unreachable): a UsageError if ``required`` (ending with
+    ``hint``), else ``None``.  A missing ``datasets`` install is a UsageError naming the cause; any
+    other exception propagates.
     """
+    try:
+        import datasets  # noqa: F401  (a broken install is the user's to fix, not a reason to switch corpus)
+    except ImportError as exc:
+        raise UsageError(f"cannot load dataset {name}: the datasets library does not import ({exc}); "
+                         "reinstall the requirements") from exc
     online = True
     try:
         with offline_unless_reachable() as online:
             return [_load_split(name, split) for split in splits]
-    except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError...)
+    except unavailable_errors() as exc:
         if required:
             raise UsageError(f"cannot load dataset {name} ({'online' if online else 'offline, not cached'}): "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
-                             f"{hint}") from exc
+                             f"{hint} or point {WIKITEXT2_ENV} / --data-dir at local raw files") from exc
+        log.debug("dataset %s unavailable: %r", name, exc)
         return None
 
 
 def from_dataset(name: str, tokenizer, max_length: int, eval_samples: int, max_samples: int,
-                 policy: dict, required: bool) -> TokenData | None:
+                 policy: dict, required: bool, data_dir: str | None = None) -> TokenData | None:
+    kw = dict(max_length=max_length, eval_samples=eval_samples, max_samples=max_samples, policy=policy)
+    raw = local_raw_files(name, data_dir)
+    if raw is not None:
+        return from_local_raw(name, raw, tokenizer, **kw)
     loaded = load_splits(name, ("test", "train"), required)
     if loaded is None:
         return None
     test, train = loaded
-    ev = _windows(_split_tokens(tokenizer, test, eval_samples * max_length), max_length, policy, eval_samples)
+    ev_tokens = _chunk_tokens(tokenizer, (row["text"] for row in test), ROW_JOIN, eval_samples * max_length)
+    ev = _windows(ev_tokens, max_length, policy, eval_samples)
     pool_tokens = POOL_FACTOR * max_samples * max_length
-    pool = _windows(_split_tokens(tokenizer, train, pool_tokens), max_length, policy)
+    pool = _windows(_chunk_tokens(tokenizer, (row["text"] for row in train), ROW_JOIN, pool_tokens), max_length,
+                    policy)
     return _check(TokenData(ev, pool, f"datasets:{HF_DATASETS[name][1]} (eval=test, calibration=train)", policy),
                   eval_samples, max_samples, name)
 
@@ -167,13 +275,19 @@ SAMPLE_SOURCE = "bundled:esa/resources/sample_corpus.txt"
 
 
 def warn_sample_corpus_fallback() -> None:
-    log.warning("WikiText-2 is not available (offline and not cached): using the bundled sample corpus "
-                "(esa/resources/sample_corpus.txt); pass --data-file for real evaluation text")
+    log.warning("WikiText-2 is not available (offline and not cached, and %s is unset): using the bundled "
+                "sample corpus (esa/resources/sample_corpus.txt); pass --data-file for real evaluation text",
+                WIKITEXT2_ENV)
 
 
-def eval_split_text(name: str, required: bool, hint: str = "use --data-file PATH instead") -> tuple[str, str] | None:
-    """``(text, source)`` of the whole test split of ``name``: rows joined with ROW_JOIN (``"\\n\\n"``,
-    the Hugging Face perplexity guide's convention); ``None`` if unloadable and not ``required``."""
+def eval_split_text(name: str, required: bool, hint: str = "use --data-file PATH instead",
+                    data_dir: str | None = None) -> tuple[str, str] | None:
+    """``(text, source)`` of the whole test split of ``name``: the local raw file (see
+    :func:`local_raw_files`) as it is, else the ``datasets`` rows joined with ROW_JOIN (``"\\n\\n"``,
+    the Hugging Face perplexity guide's convention); ``None`` if unavailable and not ``required``."""
+    raw = local_raw_files(name, data_dir)
+    if raw is not None:
+        return _read_text(raw.test, raw.via), f"local:{name} test split {raw.test} via {raw.via} (whole file)"
     loaded = load_splits(name, ("test",), required, hint)
     if loaded is None:
         return None
@@ -181,8 +295,9 @@ def eval_split_text(name: str, required: bool, hint: str = "use --data-file PATH
 
 
 def default_eval_text() -> tuple[str, str]:
-    """What evaluation falls back to without a data choice: the WikiText-2 test split when
-    ``datasets`` can load it, else the bundled sample corpus (with the same warning as load_data)."""
+    """What evaluation falls back to without a data choice: the WikiText-2 test split when it is
+    available (local raw file or ``datasets``), else the bundled sample corpus (with the same
+    warning as load_data)."""
     found = eval_split_text("wikitext2", required=False)
     if found is not None:
         return found
@@ -191,18 +306,15 @@ def default_eval_text() -> tuple[str, str]:
 
 
 def load_data(tokenizer, data_file: str | None, dataset: str | None, max_length: int, eval_samples: int,
-              max_samples: int) -> TokenData:
+              max_samples: int, data_dir: str | None = None) -> TokenData:
+    """The evaluation windows and calibration pool of a run (see the module docstring for the order)."""
     policy = bos_policy(tokenizer)
     kw = dict(max_length=max_length, eval_samples=eval_samples, max_samples=max_samples, policy=policy)
     if data_file is not None:
-        try:
-            with open(data_file, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError:
-            raise UsageError(f"--data-file {data_file!r} is not UTF-8 text") from None
+        text = _read_text(Path(data_file), "--data-file")
         return from_text(text, f"file:{os.path.abspath(data_file)}", tokenizer, **kw)
     if dataset is not None:
-        return from_dataset(dataset, tokenizer, required=True, **kw)
+        return from_dataset(dataset, tokenizer, required=True, data_dir=data_dir, **kw)
     data = from_dataset("wikitext2", tokenizer, required=False, **kw)
     if data is not None:
         return data

@@ -270,7 +270,8 @@ def _run(cfg: RunConfig, choice: models.DeviceChoice, device: str, out_dir: Path
         if cfg.perturb == "bit_flip":
             resolve_bit(targets[0].param.dtype, cfg.bit_index)  # fail before hours of scoring
         with manifest.phase("load_data"):
-            data = load_data(tok, cfg.data_file, cfg.dataset, cfg.max_length, cfg.eval_samples, cfg.max_samples)
+            data = load_data(tok, cfg.data_file, cfg.dataset, cfg.max_length, cfg.eval_samples, cfg.max_samples,
+                             cfg.data_dir)
         if main:
             report.write_config(out_dir, cfg, choice, model, targets, data, seeds)
             manifest.add_file("config.json")
@@ -336,11 +337,13 @@ def _write_results(cfg: RunConfig, out_dir: Path, manifest: Manifest, rows: list
     if perturbation is not None:
         outputs.write_json(out_dir / "perturbation_results.json", perturbation)
         manifest.add_file("perturbation_results.json")
+    plot_paths: list[Path] = []
     if cfg.save_plots:
         with manifest.phase("plots"):
-            for path in plots.make_plots(out_dir):
+            plot_paths = plots.make_plots(out_dir)
+            for path in plot_paths:
                 manifest.add_file(str(path.relative_to(out_dir)))
-    summary = report.summary_table(cfg, perturbation, stab, rows[:5], out_dir)
+    summary = report.summary_table(cfg, perturbation, stab, rows[:5])
     # report.md is always written (text, cheap; plot sections only with --save-plots), after the
     # manifest says success so that the report quotes the final status; if it fails, the
     # recording() block turns the manifest to failed
@@ -348,4 +351,5 @@ def _write_results(cfg: RunConfig, out_dir: Path, manifest: Manifest, rows: list
     manifest.finish("success")
     report_md.write_report(out_dir)
     print(summary + (f"\n{format_table(sw)}" if sw is not None else ""), flush=True)
+    print(report.files_footer(out_dir, plot_paths), flush=True)
     return {"out_dir": str(out_dir), "perturbation": perturbation}

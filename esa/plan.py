@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from esa.config import EMBEDDED_MODEL, RunConfig
+from esa.data import WIKITEXT2_ENV
 from esa.models import resolve_device
 
 OUTPUT_FILES = ("config.json", "experiment_manifest.json", "top_weights.csv", "sensitivity_stats.json",
@@ -51,9 +52,13 @@ def describe(cfg: RunConfig, out_dir: Path) -> str:
     if cfg.data_file:
         data = f"file {cfg.data_file} (evaluation = first {cfg.eval_samples} windows, calibration drawn after them)"
     elif cfg.dataset:
-        data = f"dataset {cfg.dataset} (calibration = train split, evaluation = test split)"
+        env = os.environ.get(WIKITEXT2_ENV) if cfg.dataset == "wikitext2" else None
+        source = (f"the raw files in {cfg.data_dir}" if cfg.data_dir else f"{WIKITEXT2_ENV}={env}" if env
+                  else "the datasets library (cache or hub)")
+        data = f"dataset {cfg.dataset} (calibration = train split, evaluation = test split) from {source}"
     else:
-        data = "WikiText-2 if loadable (cache or hub), else the bundled sample corpus"
+        data = (f"WikiText-2 ({WIKITEXT2_ENV} if set, else the datasets cache or hub), else the bundled sample "
+                "corpus")
     conditions = ["top_k", *cfg.controls] if cfg.perturb else []
     files = list(OUTPUT_FILES)
     if cfg.perturb:

@@ -86,8 +86,7 @@ def _pm(d: dict | None) -> str:
     return f"{_fmt(d['mean'])} ± {_fmt(d['std'])}" if d["std"] is not None else _fmt(d["mean"])
 
 
-def summary_table(cfg: RunConfig, perturbation: dict | None, stability: dict | None, top_rows: list[list],
-                  out_dir: Path) -> str:
+def summary_table(cfg: RunConfig, perturbation: dict | None, stability: dict | None, top_rows: list[list]) -> str:
     """The end-of-run table: baseline and each condition (primary seed), then mean ± std across seeds
     with Welch p-values of Top-K vs each control, the Jaccard stability and the top-5 weights."""
     lines = [f"ESA summary  model={cfg.model}  metric={cfg.metric}  mode={cfg.mode}  k={cfg.topk}  "
@@ -124,7 +123,16 @@ def summary_table(cfg: RunConfig, perturbation: dict | None, stability: dict | N
     lines.append(f"{'rank':>5}  {'parameter':<48}{'coords':>14}{'score':>16}")
     for rank, name, _idx, coords, score, _seed in top_rows:
         lines.append(f"{rank:>5}  {name:<48}{'(' + coords + ')':>14}{score:>16}")
-    lines.append(f"outputs: {out_dir} (report: {out_dir / 'report.md'})")
+    return "\n".join(lines)
+
+
+def files_footer(out_dir: Path, plot_paths: list[Path]) -> str:
+    """The last lines of a run: where the report and each picture are, so a new user opens them
+    instead of reading JSON."""
+    lines = [f"outputs: {out_dir}", f"  report: {out_dir / 'report.md'}"]
+    lines += [f"  plot:   {p}" for p in plot_paths]
+    if not plot_paths:
+        lines.append("  (no plots: add --save-plots, or run: python -m esa.report OUT_DIR)")
     return "\n".join(lines)
 
 

@@ -88,6 +88,14 @@ def single_thread():
 
 
 @pytest.fixture
+def wikitext2() -> Path:
+    """Path of WikiText-2's raw test split from ESA_WIKITEXT2_RAW; the test is skipped without it."""
+    from tests.realmodels import wikitext2_path
+
+    return wikitext2_path()
+
+
+@pytest.fixture
 def llama() -> torch.nn.Module:
     return make_llama()
 

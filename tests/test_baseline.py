@@ -19,7 +19,7 @@ import esa_runner
 from esa.baseline import CalibratedTotal, evaluate_plan, evaluate_text, plan_windows
 from esa.evaluate import NaNLossError, TokenScores, perplexity
 from tests.conftest import VOCAB, to_double
-from tests.realmodels import REPO, WIKITEXT, tiny_model_dir
+from tests.realmodels import CORPUS, REPO, tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -114,9 +114,9 @@ def test_matches_naive_loop(tiny_model, policy, stride):
     assert res["ppl"] > 10  # a random model: the comparison is not vacuous
 
 
-def test_script_matches_naive_loop_on_a_saved_model(tiny_dir, tmp_path):
+def test_script_matches_naive_loop_on_a_saved_model(tiny_dir, tmp_path, wikitext2):
     """End to end: tokenizer, windows with a short last window, strided and non-overlapping."""
-    text = WIKITEXT.read_text(encoding="utf-8")[:1500]
+    text = wikitext2.read_text(encoding="utf-8")[:1500]
     f = tmp_path / "t.txt"
     f.write_text(text, encoding="utf-8")
     out = tmp_path / "o"
@@ -149,7 +149,7 @@ def test_non_overlapping_is_bit_identical_to_esa_perplexity(tiny_model):
 
 def test_esa_runner_baseline_equals_baseline_runner_exactly(tiny_dir, baseline_run, tmp_path, capsys):
     out = tmp_path / "esa"
-    argv = ["--model", tiny_dir, "--device", "cpu", "--dtype", "fp32", "--data-file", str(WIKITEXT),
+    argv = ["--model", tiny_dir, "--device", "cpu", "--dtype", "fp32", "--data-file", str(CORPUS),
             "--max-length", "32", "--eval-samples", "4", "--max-samples", "4", "--batch-size", "2",
             "--topk", "3", "--perturb", "zero", "--controls", "none", "--out-dir", str(out)]
     assert esa_runner.main(argv) == 0
@@ -236,9 +236,9 @@ def tiny_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def baseline_run(tiny_dir, tmp_path_factory):
-    """The windows esa_runner evaluates with --max-length 32 --eval-samples 4 --batch-size 2 on WIKITEXT."""
+    """The windows esa_runner evaluates with --max-length 32 --eval-samples 4 --batch-size 2 on CORPUS."""
     out = tmp_path_factory.mktemp("baseline")
-    argv = ["--model", tiny_dir, "--device", "cpu", "--dtype", "fp32", "--datasets", str(WIKITEXT),
+    argv = ["--model", tiny_dir, "--device", "cpu", "--dtype", "fp32", "--datasets", str(CORPUS),
             "--context-lens", "32", "--max-windows", "4", "--batch-size", "2", "--seeds", "0,1", "--out-dir", str(out)]
     code, stdout, err = run_script(argv)
     assert code == 0, err
@@ -296,7 +296,7 @@ def test_bad_inputs_after_loading(tiny_dir, tmp_path):
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "one.txt").write_text("a")
-    base = ["--model", tiny_dir, "--device", "cpu", "--dtype", "fp32", "--datasets", str(WIKITEXT),
+    base = ["--model", tiny_dir, "--device", "cpu", "--dtype", "fp32", "--datasets", str(CORPUS),
             "--max-windows", "1", "--context-lens", "32", "--out-dir", str(tmp_path / "o")]
     cases = [
         (["--model", str(tmp_path / "no-such-model")], "does not exist"),
@@ -324,7 +324,7 @@ def test_nan_loss_fails_the_run(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(esa.models, "load_model", nan_model)
     out = tmp_path / "o"
     code, _, err = run_script(["--model", tiny_dir, "--device", "cpu", "--dtype", "fp32", "--datasets",
-                               str(WIKITEXT), "--context-lens", "16", "--max-windows", "2", "--out-dir", str(out)])
+                               str(CORPUS), "--context-lens", "16", "--max-windows", "2", "--out-dir", str(out)])
     assert code == 1 and "NaN loss" in one_error_line(err)
     assert json.loads((out / "experiment_manifest.json").read_text())["status"] == "failed"
     assert "NaN" in json.loads((out / "baseline_results.json").read_text())["results"][0]["error"]
@@ -347,6 +347,6 @@ def test_dry_run_loads_nothing(monkeypatch, tmp_path):
 
 def test_script_runs_from_the_repo_root():
     proc = subprocess.run([sys.executable, "scripts/baseline_runner.py", "--dry-run", "--baseline", "smoke",
-                           "--datasets", str(WIKITEXT)], cwd=REPO, capture_output=True, text=True, timeout=120)
+                           "--datasets", str(CORPUS)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "baseline plan" in proc.stdout and "max windows: 32" in proc.stdout

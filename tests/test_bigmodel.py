@@ -15,7 +15,7 @@ from esa.data import load_data
 from esa.models import load_model
 from esa.sensitivity import MetricContext, compute_scores
 from esa.targets import find_targets
-from tests.realmodels import WIKITEXT, tiny_model_dir
+from tests.realmodels import CORPUS, tiny_model_dir
 
 
 def test_device_map_auto_on_cpu_gives_the_plain_path_scores(tmp_path_factory):
@@ -24,7 +24,7 @@ def test_device_map_auto_on_cpu_gives_the_plain_path_scores(tmp_path_factory):
     mapped, _ = load_model(str(d), "cpu", "fp32", device_map="auto")
     assert set(mapped.esa_device_map.values()) == {"cpu"}
     assert not mapped.training and not any(p.requires_grad for p in mapped.parameters())
-    data = load_data(tok, str(WIKITEXT), None, 24, 2, 4)
+    data = load_data(tok, str(CORPUS), None, 24, 2, 4)
     windows = data.calib_pool[:4]
     for metric in ("grad_x_weight", "act_mag", "grad_squared"):
         a = compute_scores(metric, plain, find_targets(plain), windows, 2, MetricContext())
@@ -36,7 +36,7 @@ def test_device_map_auto_on_cpu_gives_the_plain_path_scores(tmp_path_factory):
 
 def test_cli_device_map_auto_on_cpu_matches_plain_run(tmp_path_factory, tmp_path):
     d = tiny_model_dir(tmp_path_factory.mktemp("tiny"))
-    args = ["--model", str(d), "--device", "cpu", "--data-file", str(WIKITEXT), "--topk", "3",
+    args = ["--model", str(d), "--device", "cpu", "--data-file", str(CORPUS), "--topk", "3",
             "--perturb", "zero", "--max-length", "24", "--max-samples", "3", "--eval-samples", "3"]
     assert esa_runner.main([*args, "--out-dir", str(tmp_path / "a")]) == 0
     assert esa_runner.main([*args, "--device-map", "auto", "--out-dir", str(tmp_path / "b")]) == 0

@@ -12,7 +12,7 @@ import torch
 
 import esa.pipeline
 import esa_runner
-from tests.realmodels import REPO, WIKITEXT, tiny_model_dir
+from tests.realmodels import CORPUS, REPO, tiny_model_dir
 
 FLAGS = ["--model", "-m", "--device", "--dtype", "--metric", "--mode", "--topk", "--perturb", "--perturb-scale",
          "--bit-index", "--hutchinson-samples", "--curvature-samples",
@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
 
 
 def small_args(tiny: str, out) -> list[str]:
-    return ["--model", tiny, "--device", "cpu", "--dtype", "fp32", "--data-file", str(WIKITEXT),
+    return ["--model", tiny, "--device", "cpu", "--dtype", "fp32", "--data-file", str(CORPUS),
             "--max-length", "32", "--max-samples", "4", "--eval-samples", "4", "--topk", "3",
             "--out-dir", str(out)]
 
@@ -68,6 +68,8 @@ def _one_error_line(err: str) -> str:
     (["--hutchinson-samples", "0"], "--hutchinson-samples must be positive"),
     (["--curvature-samples", "0"], "--curvature-samples must be positive"),
     (["--data-file", "/no/such/file.txt"], "does not exist"),
+    (["--data-dir", "/tmp"], "--data-dir needs --dataset"),
+    (["--dataset", "wikitext2", "--data-dir", "/no/such/dir"], "does not exist or is not a folder"),
     (["--perturb-prob", "0"], "--perturb-prob"),
     (["--include", "("], "not a valid regular expression"),
     (["--mode", "sideways"], "invalid choice"),
@@ -105,6 +107,20 @@ def test_bad_inputs_after_loading(tiny, tmp_path, capsys):
     for extra, needle in cases:
         assert esa_runner.main(small_args(tiny, tmp_path / "o") + extra) == 2, extra
         assert needle in _one_error_line(capsys.readouterr().err), extra
+
+
+def test_dataset_from_local_raw_files_is_recorded_in_config(tiny, tmp_path, monkeypatch, capsys):
+    """--dataset wikitext2 offline, with ESA_WIKITEXT2_RAW naming a local wiki.test.raw."""
+    raw = tmp_path / "wikitext-2-raw"
+    raw.mkdir()
+    (raw / "wiki.test.raw").write_text(CORPUS.read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setenv("ESA_WIKITEXT2_RAW", str(raw / "wiki.test.raw"))
+    argv = small_args(tiny, tmp_path / "o")
+    i = argv.index("--data-file")
+    argv[i:i + 2] = ["--dataset", "wikitext2"]
+    assert esa_runner.main(argv) == 0
+    source = json.loads((tmp_path / "o" / "config.json").read_text())["data"]["data_source"]
+    assert source.startswith("local:wikitext2 raw files via ESA_WIKITEXT2_RAW") and str(raw) in source
 
 
 def test_verbose_shows_the_traceback(capsys):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
+import esa.data
 from esa.config import UsageError
-from esa.data import bos_policy, from_text, load_data, sample_corpus
+from esa.data import WIKITEXT2_ENV, bos_policy, from_text, load_data, sample_corpus
 
 
 class CharTokenizer:
@@ -78,6 +81,7 @@ def test_bundled_corpus_is_substantial_and_original():
 
 def test_offline_fallback_is_fast_and_recorded(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(WIKITEXT2_ENV, raising=False)  # CI sets it; this test is about having nothing local
     import esa.hub
     esa.hub.hub_reachable.cache_clear()
     from transformers import AutoTokenizer
@@ -91,3 +95,80 @@ def test_offline_fallback_is_fast_and_recorded(monkeypatch):
     with pytest.raises(UsageError, match="cannot load dataset wikitext2"):
         load_data(tok, None, "wikitext2", max_length=256, eval_samples=16, max_samples=32)
     esa.hub.hub_reachable.cache_clear()
+
+
+# ---------------------------------------------------------------- local raw files and what may fall back
+
+
+def _raw_dir(path, train: bool):
+    """A folder shaped like WikiText-2's raw release, holding distinct text per split."""
+    path.mkdir()
+    (path / "wiki.test.raw").write_text(unique_text(400), encoding="utf-8")
+    if train:
+        (path / "wiki.train.raw").write_text("\n".join(unique_text(3000)[1000 + 100 * i:1100 + 100 * i]
+                                                      for i in range(20)), encoding="utf-8")
+    return path
+
+
+def test_data_dir_evaluates_the_test_split_and_calibrates_on_train(tmp_path, monkeypatch):
+    monkeypatch.delenv(WIKITEXT2_ENV, raising=False)
+    tok, raw = CharTokenizer(False), _raw_dir(tmp_path / "raw", train=True)
+    data = load_data(tok, None, "wikitext2", max_length=10, eval_samples=5, max_samples=20, data_dir=str(raw))
+    same = load_data(tok, str(raw / "wiki.test.raw"), None, max_length=10, eval_samples=5, max_samples=20)
+    assert torch.equal(data.eval_windows, same.eval_windows)  # the windows --data-file gives on the test file
+    train_ids = {ord(c) + 2 for c in (raw / "wiki.train.raw").read_text()}
+    assert set(data.calib_pool.flatten().tolist()) <= train_ids
+    assert not set(data.calib_pool.flatten().tolist()) & set(data.eval_windows.flatten().tolist())
+    assert data.data_source.startswith("local:wikitext2") and "wiki.train.raw" in data.data_source
+
+
+def test_env_variable_without_train_split_calibrates_after_the_eval_windows(tmp_path, monkeypatch, caplog):
+    tok, raw = CharTokenizer(False), _raw_dir(tmp_path / "raw", train=False)
+    monkeypatch.setenv(WIKITEXT2_ENV, str(raw / "wiki.test.raw"))
+    data = load_data(tok, None, "wikitext2", max_length=10, eval_samples=5, max_samples=20)
+    assert "no wiki.train.raw" in caplog.text and WIKITEXT2_ENV in data.data_source
+    assert min(data.calib_pool.flatten().tolist()) > max(data.eval_windows.flatten().tolist())
+    default = load_data(tok, None, None, max_length=10, eval_samples=5, max_samples=20)  # no data flag at all
+    assert default.data_source == data.data_source
+    monkeypatch.setenv(WIKITEXT2_ENV, str(raw))  # the folder works too
+    assert load_data(tok, None, "wikitext2", max_length=10, eval_samples=5, max_samples=20).data_source.startswith(
+        "local:wikitext2")
+
+
+def test_a_named_local_path_that_is_missing_is_a_usage_error(tmp_path, monkeypatch):
+    tok = CharTokenizer(False)
+    monkeypatch.setenv(WIKITEXT2_ENV, str(tmp_path / "nope.raw"))
+    for dataset in ("wikitext2", None):  # never a silent switch to the hub or the bundled corpus
+        with pytest.raises(UsageError, match=f"{WIKITEXT2_ENV}=.*is not a file"):
+            load_data(tok, None, dataset, max_length=10, eval_samples=1, max_samples=1)
+    monkeypatch.delenv(WIKITEXT2_ENV)
+    with pytest.raises(UsageError, match="holds no wiki.test.raw"):
+        load_data(tok, None, "wikitext103", max_length=10, eval_samples=1, max_samples=1, data_dir=str(tmp_path))
+
+
+@pytest.fixture
+def no_local_wikitext(monkeypatch):
+    monkeypatch.delenv(WIKITEXT2_ENV, raising=False)
+    monkeypatch.setattr(esa.data, "offline_unless_reachable", contextlib.nullcontext)  # no 2 s probe
+
+
+def test_only_an_availability_failure_falls_back_to_the_bundled_corpus(no_local_wikitext, monkeypatch):
+    tok = CharTokenizer(False)
+
+    def unreachable(name, split):
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(esa.data, "_load_split", unreachable)
+    assert load_data(tok, None, None, 32, 2, 2).data_source.startswith("bundled:")
+
+    def broken(name, split):  # a bug, or a datasets release that changed its API
+        raise TypeError("load_dataset() got an unexpected keyword argument")
+    monkeypatch.setattr(esa.data, "_load_split", broken)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        load_data(tok, None, None, 32, 2, 2)
+
+
+def test_a_broken_datasets_install_is_a_usage_error(no_local_wikitext, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    for dataset in (None, "wikitext2"):
+        with pytest.raises(UsageError, match="datasets library does not import"):
+            load_data(CharTokenizer(False), None, dataset, 32, 2, 2)

@@ -21,7 +21,7 @@ from esa.evaluate import perplexity
 from esa.sensitivity import METRICS, MetricContext, compute_scores
 from esa.targets import find_targets
 from tests.conftest import N_WINDOWS, VOCAB, WINDOW_LEN, make_gpt2, make_llama
-from tests.realmodels import REPO, WIKITEXT, tiny_model_dir
+from tests.realmodels import CORPUS, REPO, tiny_model_dir
 
 GRADIENT_METRICS = [m for m in METRICS if m != "magnitude"]
 
@@ -77,7 +77,7 @@ def _free_port() -> int:
 
 
 def _run_args(model_dir: Path, out: Path) -> list[str]:
-    return ["--model", str(model_dir), "--device", "cpu", "--dtype", "fp32", "--data-file", str(WIKITEXT),
+    return ["--model", str(model_dir), "--device", "cpu", "--dtype", "fp32", "--data-file", str(CORPUS),
             "--metric", "grad_x_weight", "--mode", "global", "--topk", "6", "--perturb", "sign_flip",
             "--seeds", "0,1", "--stability-check", "--max-length", "24", "--max-samples", "5",
             "--eval-samples", "5", "--batch-size", "2", "--out-dir", str(out)]

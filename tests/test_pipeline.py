@@ -15,7 +15,7 @@ from esa.models import load_model
 from esa.outputs import Manifest
 from esa.pipeline import evaluate_conditions, score_seed
 from esa.targets import find_targets
-from tests.realmodels import WIKITEXT, tiny_model_dir
+from tests.realmodels import CORPUS, tiny_model_dir
 
 
 def state_hash(model: torch.nn.Module) -> str:
@@ -31,7 +31,7 @@ def state_hash(model: torch.nn.Module) -> str:
 def test_every_condition_restores_the_model_bit_exactly(tmp_path_factory, tmp_path, dtype, perturb):
     d = tiny_model_dir(tmp_path_factory.mktemp("tiny"))
     cfg = RunConfig(model=str(d), device="cpu", dtype=dtype, perturb=perturb, perturb_scale=0.7, topk=4,
-                    max_length=32, max_samples=4, eval_samples=4, data_file=str(WIKITEXT), out_dir=str(tmp_path))
+                    max_length=32, max_samples=4, eval_samples=4, data_file=str(CORPUS), out_dir=str(tmp_path))
     model, tok = load_model(cfg.model, "cpu", dtype)
     targets = find_targets(model)
     data = load_data(tok, cfg.data_file, None, cfg.max_length, cfg.eval_samples, cfg.max_samples)
@@ -45,10 +45,10 @@ def test_every_condition_restores_the_model_bit_exactly(tmp_path_factory, tmp_pa
     assert res["conditions"]["top_k"]["ppl"] != res["baseline"]["ppl"]  # the perturbation did something
 
 
-def test_real_model_top_k_hurts_more_than_controls(tmp_path, capsys):
+def test_real_model_top_k_hurts_more_than_controls(tmp_path, capsys, wikitext2):
     """The embedded SmolLM2-135M on WikiText-2: sign-flipping the Top-K must beat both controls."""
     out = tmp_path / "real"
-    argv = ["--device", "cpu", "--data-file", str(WIKITEXT), "--metric", "grad_x_weight", "--mode", "per_layer",
+    argv = ["--device", "cpu", "--data-file", str(wikitext2), "--metric", "grad_x_weight", "--mode", "per_layer",
             "--topk", "10", "--perturb", "sign_flip", "--controls", "random_k,bottom_k", "--max-length", "128",
             "--max-samples", "8", "--eval-samples", "8", "--out-dir", str(out)]
     assert esa_runner.main(argv) == 0

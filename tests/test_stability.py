@@ -20,7 +20,7 @@ from esa.pipeline import score_seed
 from esa.selection import Selection
 from esa.stability import jaccard, stability_summary
 from esa.targets import find_targets
-from tests.realmodels import REPO, WIKITEXT, tiny_model_dir
+from tests.realmodels import CORPUS, REPO, tiny_model_dir
 
 STABILITY_KEYS = {"jaccard_mean", "jaccard_all", "jaccard_std", "num_seeds", "topk_overlap_size", "seeds",
                   "metric", "mode", "jaccard_matrix", "set_sizes", "identity"}
@@ -59,7 +59,7 @@ def tiny_setup(tmp_path_factory):
     d = tiny_model_dir(tmp_path_factory.mktemp("tiny"))
     model, tok = load_model(str(d), "cpu", "fp32")
     cfg = RunConfig(model=str(d), device="cpu", dtype="fp32", topk=5, mode="global", max_length=32, max_samples=4,
-                    eval_samples=2, data_file=str(WIKITEXT))
+                    eval_samples=2, data_file=str(CORPUS))
     data = load_data(tok, cfg.data_file, None, cfg.max_length, cfg.eval_samples, cfg.max_samples)
     return cfg, model, find_targets(model), data
 
@@ -77,7 +77,7 @@ def test_seeds_change_calibration_and_gradient_top_k(tiny_setup, tmp_path):
 
 
 def _run(tmp_path, tiny, extra):
-    argv = ["--model", tiny, "--device", "cpu", "--dtype", "fp32", "--data-file", str(WIKITEXT),
+    argv = ["--model", tiny, "--device", "cpu", "--dtype", "fp32", "--data-file", str(CORPUS),
             "--max-length", "32", "--max-samples", "4", "--eval-samples", "4", "--topk", "3",
             "--out-dir", str(tmp_path)] + extra
     assert esa_runner.main(argv) == 0
@@ -129,7 +129,7 @@ def test_multi_seed_outputs_and_statistics_match_scipy(tmp_path_factory, tmp_pat
 
 def _peak_rss_mb(tmp_path, seeds: str) -> float:
     out = tmp_path / f"mem_{seeds.count(',') + 1}"
-    cmd = [sys.executable, "esa_runner.py", "--device", "cpu", "--data-file", str(WIKITEXT), "--max-length", "32",
+    cmd = [sys.executable, "esa_runner.py", "--device", "cpu", "--data-file", str(CORPUS), "--max-length", "32",
            "--max-samples", "2", "--eval-samples", "1", "--batch-size", "2", "--topk", "5", "--seeds", seeds,
            "--stability-check", "--out-dir", str(out)]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)

@@ -28,7 +28,6 @@ from esa import superweights_report as swr
 from esa.perturb import INT_VIEW
 from esa.superweights_report import format_table, plot_spikes, write_super_weights
 from tests.conftest import VOCAB, _finish, _randomize
-from tests.realmodels import WIKITEXT
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -302,7 +301,7 @@ def test_overlap_with_topk():
 # ---------------------------------------------------------------- the real embedded model
 
 
-def test_real_smollm2_candidates_are_valid_super_weights():
+def test_real_smollm2_candidates_are_valid_super_weights(wikitext2):
     """SmolLM2-135M (30 layers, hidden 576, intermediate 1536): every candidate is a real down_proj element,
     and zeroing the candidates hurts far more than zeroing as many random weights of the same matrices."""
     from esa.data import load_data
@@ -310,7 +309,7 @@ def test_real_smollm2_candidates_are_valid_super_weights():
 
     model, tok = load_model("smollm2-135m", "cpu", "fp32")
     before = params(model)
-    windows = load_data(tok, str(WIKITEXT), None, 96, 2, 0).eval_windows
+    windows = load_data(tok, str(wikitext2), None, 96, 2, 0).eval_windows
     res = swr.run_super_weights(model, swr.prompt_input_ids(tok, sw.DEFAULT_PROMPT), windows, batch_size=2,
                                tokenizer=tok)
     assert_bit_identical(model, before)

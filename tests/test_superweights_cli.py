@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 import esa_runner
 from esa import superweights as sw
 from esa.config import RunConfig
-from tests.realmodels import REPO, WIKITEXT, embedded_dir
+from tests.realmodels import CORPUS, REPO, embedded_dir
 from tests.test_superweights import llama6, plant_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -77,7 +77,7 @@ def planted_dir(tmp_path_factory):
 def test_cli_writes_json_table_and_plot(planted_dir, tmp_path, detect):
     out = tmp_path / "o"
     code, stdout, err = run_cli(["--model", str(planted_dir), "--device", "cpu", "--dtype", "fp32", "--data-file",
-                                 str(WIKITEXT), "--eval-samples", "2", "--max-length", "32", "--batch-size", "2",
+                                 str(CORPUS), "--eval-samples", "2", "--max-length", "32", "--batch-size", "2",
                                  "--out-dir", str(out), *detect])
     assert code == 0, err
     res = json.loads((out / "super_weights.json").read_text())
@@ -96,7 +96,7 @@ def test_cli_writes_json_table_and_plot(planted_dir, tmp_path, detect):
 
 def test_runner_detects_the_planted_weight_and_reports_its_topk_rank(planted_dir, tmp_path):
     out = tmp_path / "o"
-    code = esa_runner.main(["--model", str(planted_dir), "--device", "cpu", "--data-file", str(WIKITEXT),
+    code = esa_runner.main(["--model", str(planted_dir), "--device", "cpu", "--data-file", str(CORPUS),
                             "--metric", "grad_x_weight", "--mode", "global", "--topk", "50", "--seeds", "0,1",
                             "--max-length", "32", "--max-samples", "3", "--eval-samples", "2", "--batch-size", "2",
                             "--detect-super-weights", "--out-dir", str(out)])

@@ -14,7 +14,7 @@ import esa_runner
 from esa import selection
 from esa.config import UsageError, parse_topk_sweep
 from esa.sweep import sweep_curve
-from tests.realmodels import WIKITEXT, tiny_model_dir
+from tests.realmodels import CORPUS, tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
 
 
 def args(tiny: str, out, *extra: str) -> list[str]:
-    return ["--model", tiny, "--device", "cpu", "--dtype", "fp32", "--data-file", str(WIKITEXT), "--max-length", "32",
+    return ["--model", tiny, "--device", "cpu", "--dtype", "fp32", "--data-file", str(CORPUS), "--max-length", "32",
             "--max-samples", "4", "--eval-samples", "4", "--topk", "3", "--out-dir", str(out), *extra]
 
 
