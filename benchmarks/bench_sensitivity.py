@@ -6,7 +6,7 @@ for all target weights, nothing kept) and each metric's full scoring including a
 (k=100); the peak memory of each (RSS high-water mark on CPU, reset before each measurement
 through /proc/self/clear_refs; CUDA peak allocated on GPU); global Top-K alone; perturb+restore of
 k = 1, 1000, 100000 weights (the Top-K, and as many random weights spread over every tensor).
-Then, in fresh child processes, the peak memory of a whole ``esa.pipeline.run`` scoring 1 seed
+Then, in fresh child processes, the peak memory of a whole ``esa.runner.pipeline.run`` scoring 1 seed
 and 4 seeds.  Timings are medians of ``--repeats`` runs after one warm-up run.  Ratios:
 
 * ``ratio.<metric>`` = metric / plain fwd+bwd (gradient and curvature metrics; targets <= 1.10,
@@ -40,13 +40,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from esa.data import bos_policy, from_text  # noqa: E402
-from esa.evaluate import batches, nll_sum  # noqa: E402
-from esa.models import input_device, load_model, resolve_device  # noqa: E402
-from esa.perturb import perturbed  # noqa: E402
-from esa.pipeline import release_memory  # noqa: E402
-from esa.selection import control, top_k  # noqa: E402
-from esa.sensitivity import MetricContext, compute_scores  # noqa: E402
-from esa.targets import find_targets  # noqa: E402
+from esa.experiment.controls import control  # noqa: E402
+from esa.experiment.perturb import perturbed  # noqa: E402
+from esa.experiment.selection import top_k  # noqa: E402
+from esa.metrics import MetricContext, compute_scores  # noqa: E402
+from esa.model.device import resolve_device  # noqa: E402
+from esa.model.forward import batches, nll_sum  # noqa: E402
+from esa.model.introspect import input_device  # noqa: E402
+from esa.model.loading import load_model  # noqa: E402
+from esa.model.targets import find_targets  # noqa: E402
+from esa.runner.seeds import release_memory  # noqa: E402
 
 GRADIENT_METRICS = ("grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag")
 PER_WINDOW_METRICS = ("grad_squared", "hessian_diag")
@@ -98,7 +101,7 @@ def timed(fn, device: str, repeats: int, mem: PeakMemory, peaks: list[float]) ->
 def seeds_child(args) -> int:
     """Child process: a whole scoring run (no perturbation) with ``--seeds-child`` seeds; prints its peak."""
     from esa.config import RunConfig
-    from esa.pipeline import run
+    from esa.runner.pipeline import run
 
     n = max(1, args.tokens // args.max_length)
     with tempfile.TemporaryDirectory() as tmp:

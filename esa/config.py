@@ -10,55 +10,30 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from esa.data import DATASETS, check_text_file
+from esa.errors import UsageError
+from esa.experiment.controls import CONTROLS
+from esa.experiment.perturb import PERTURBATIONS
+from esa.metrics import METRICS
+from esa.model import distributed
+from esa.model.device import DEVICES, DTYPES, EMBEDDED_MODEL, ModelSpec
+from esa.naming import compile_patterns
+from esa.outdir.layout import default_out_dir, model_slug
 
-class UsageError(Exception):
-    """Bad user input: the CLI prints the message on one line and exits with code 2."""
-
-
-METRICS = ("grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag", "magnitude", "act_mag")
 MODES = ("per_layer", "global")
-PERTURBS = ("zero", "sign_flip", "gauss_noise", "bit_flip")
-CONTROLS = ("random_k", "bottom_k")
-DEVICES = ("cuda", "cpu", "auto")
-DTYPES = ("bf16", "fp16", "fp32")
-DATASETS = ("wikitext2", "wikitext103")
-
-# Accepted spellings -> canonical names (config.json always records the canonical name).
-METRIC_ALIASES = {
-    "activation_magnitude": "act_mag",
-    "act_magnitude": "act_mag",
-    "wanda": "act_mag",
-    "gradxweight": "grad_x_weight",
-    "grad_weight": "grad_x_weight",
-    "taylor": "grad_x_weight",
-    "fisher": "grad_squared",
-    "grad_sq": "grad_squared",
-    "weight_magnitude": "magnitude",
-    "hutchinson": "hutchinson_diag",
-    "hessian": "hessian_diag",
-}
-PERTURB_ALIASES = {
-    "gaussian": "gauss_noise",
-    "gauss": "gauss_noise",
-    "noise": "gauss_noise",
-    "signflip": "sign_flip",
-    "flip_sign": "sign_flip",
-    "zeroing": "zero",
-    "bitflip": "bit_flip",
-}
-DATASET_ALIASES = {"wikitext-2": "wikitext2", "wikitext-103": "wikitext103"}
-
-EMBEDDED_MODEL = "smollm2-135m"
+__all__ = ["CONTROLS", "DATASETS", "DEVICES", "DTYPES", "EMBEDDED_MODEL", "METRICS", "MODES", "PERTURBATIONS",
+           "RunConfig", "canonical", "default_run_dir", "parse_controls", "parse_seeds", "parse_topk_sweep", "validate"]
 
 
-def canonical(value: str, choices: tuple[str, ...], aliases: dict[str, str], what: str) -> str:
+def canonical(value: str, choices: Iterable[str], aliases: Mapping[str, str], what: str) -> str:
     """Map ``value`` (or one of its aliases, case-insensitively) to its canonical name."""
     key = value.strip().lower().replace("-", "_")
     key = aliases.get(key, aliases.get(value.strip().lower(), key))
+    choices = tuple(choices)
     if key not in choices:
         raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
     return key
@@ -96,54 +71,21 @@ def parse_topk_sweep(text: str) -> tuple[int, ...]:
 
 
 def parse_controls(text: str) -> tuple[str, ...]:
-    """Parse ``"random_k,bottom_k"``; ``"none"`` or ``""`` means no controls."""
+    """Parse ``"random_k,bottom_k"`` (aliases allowed); ``"none"`` or ``""`` means no controls."""
     if text.strip().lower() in ("", "none"):
         return ()
     out: list[str] = []
     for part in text.split(","):
-        name = part.strip().lower().replace("-", "_")
-        name = {"random": "random_k", "bottom": "bottom_k"}.get(name, name)
-        if name not in CONTROLS:
-            raise UsageError(f"unknown control {part.strip()!r} in --controls; choose from {', '.join(CONTROLS)}")
+        name = canonical(part, CONTROLS.names(), CONTROLS.aliases(), "control")
         if name not in out:
             out.append(name)
     return tuple(out)
 
 
-def model_slug(model: str) -> str:
-    """A filesystem-safe short name for a model id, directory or .gguf path (for default out-dirs)."""
-    name = Path(model).name if model.endswith(".gguf") else model
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
-
-
-def default_out_dir(cfg: RunConfig) -> Path:
-    """``outputs/<model>_<metric>_<mode>_k<k>[_<perturb>]_<timestamp>``."""
-    parts = [model_slug(cfg.model), cfg.metric, cfg.mode, f"k{cfg.topk}"]
-    if cfg.perturb:
-        parts.append(cfg.perturb)
-    return Path("outputs") / ("_".join(parts) + time.strftime("_%Y%m%d-%H%M%S"))
-
-
-def compile_patterns(patterns: tuple[str, ...], flag: str) -> tuple[re.Pattern[str], ...]:
-    """Compile --include/--exclude regexes, turning syntax errors into usage errors."""
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as exc:
-            raise UsageError(f"{flag} {p!r} is not a valid regular expression: {exc}") from None
-    return tuple(out)
-
-
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(ModelSpec):
     """Everything a run needs, with canonical names. ``*_explicit`` record user intent."""
 
-    model: str = EMBEDDED_MODEL
-    device: str = "cuda"
-    device_explicit: bool = False
-    dtype: str = "bf16"
-    dtype_explicit: bool = False
     device_map: str | None = None  # "auto": accelerate's big-model dispatch over the GPUs (and CPU with offload)
     offload: bool = False
     gradient_checkpointing: bool = False
@@ -171,7 +113,7 @@ class RunConfig:
     exclude: tuple[str, ...] = ()
     out_dir: str | None = None
     save_plots: bool = False
-    detect_super_weights: bool = False  # also run the data-free super-weight detector (esa.superweights)
+    detect_super_weights: bool = False  # also run the data-free super-weight detector (esa.superweights.detect)
     super_weight_threshold: float = 50.0
     max_super_weights: int = 8
     super_weight_prompt: str | None = None  # None: the detector's neutral default sentence
@@ -187,6 +129,11 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d.pop("extra")
         return d
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    """``outputs/<model>_<metric>_<mode>_k<k>[_<perturb>]_<timestamp>``: an ESA run's default --out-dir."""
+    return default_out_dir(model_slug(cfg.model), cfg.metric, cfg.mode, f"k{cfg.topk}", *filter(None, [cfg.perturb]))
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -218,18 +165,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not os.path.isdir(cfg.data_dir):
             raise UsageError(f"--data-dir {cfg.data_dir!r} does not exist or is not a folder")
     if cfg.data_file is not None:
-        if not os.path.isfile(cfg.data_file):
-            raise UsageError(f"--data-file {cfg.data_file!r} does not exist or is not a file")
-        if os.path.getsize(cfg.data_file) == 0:
-            raise UsageError(f"--data-file {cfg.data_file!r} is empty")
+        check_text_file(cfg.data_file, "--data-file")
     if cfg.device_map not in (None, "auto"):
         raise UsageError(f"--device-map only supports 'auto', got {cfg.device_map!r}")
     if cfg.offload and cfg.device_map is None:
         raise UsageError("--offload needs --device-map auto (it lets the device map use CPU memory)")
-    if cfg.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if cfg.device_map is not None and distributed.requested():
         raise UsageError("--device-map auto cannot be combined with torchrun: each rank would spread its own "
                          "copy over all GPUs; use one or the other")
-    if cfg.gradient_checkpointing and cfg.metric in ("magnitude", "act_mag"):
+    if cfg.gradient_checkpointing and "backward" not in METRICS[cfg.metric].needs:
         raise UsageError(f"--gradient-checkpointing only applies to gradient metrics, not {cfg.metric}")
     if cfg.detect_super_weights:
         if not (cfg.super_weight_threshold > 1.0 and cfg.super_weight_threshold != float("inf")):

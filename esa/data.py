@@ -33,11 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esa.config import UsageError
-from esa.hub import offline_unless_reachable
+from esa.errors import UsageError
+from esa.model.offline import offline_unless_reachable
 
 log = logging.getLogger("esa")
 
+DATASETS = ("wikitext2", "wikitext103")
+DATASET_ALIASES = {"wikitext-2": "wikitext2", "wikitext-103": "wikitext103"}
 HF_DATASETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1"), "wikitext103": ("wikitext", "wikitext-103-raw-v1")}
 ROW_JOIN = "\n\n"  # the Hugging Face perplexity guide's convention for joining dataset rows
 POOL_FACTOR = 64  # calibration pool from a dataset split holds up to 64x the windows needed
@@ -63,6 +65,14 @@ class TokenData:
     def calibration(self, rng: np.random.Generator, n: int) -> torch.Tensor:
         """``n`` calibration windows ``[n, L]`` drawn by ``rng`` without replacement, in pool order."""
         return self.calib_pool[torch.from_numpy(self.calibration_indices(rng, n))]
+
+
+def check_text_file(path: str, flag: str) -> None:
+    """A user-named text file must exist and hold something (checked before any model loads)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path!r} does not exist or is not a file")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{flag} {path!r} is empty")
 
 
 def bos_policy(tokenizer) -> dict:

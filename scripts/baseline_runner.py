@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Baseline runner (reference perplexity of the unmodified model); the code is esa.baseline_cli.
+"""Baseline runner (reference perplexity of the unmodified model); the code is esa.cli.baseline.
 
     python scripts/baseline_runner.py --help      (or, after pip install -e ., esa-baseline --help)
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from esa.baseline_cli import main  # noqa: E402
+from esa.cli.baseline import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

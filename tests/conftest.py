@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random Llama and GPT-2 models built in code, and token windows.
 
-The models are left as ``esa.models.load_model`` leaves a real one: eval mode, every parameter
+The models are left as ``esa.model.loading.load_model`` leaves a real one: eval mode, every parameter
 ``requires_grad=False``.  Weights are re-drawn with a larger spread than the HF default (std 0.02)
 so that gradients, activations and scores are far from zero and differences between a correct and
 a wrong implementation are large compared with float rounding.  Everything is seeded.

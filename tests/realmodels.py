@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from esa.models import convert_embedded
+from esa.model.loading import convert_embedded
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "esa" / "resources" / "sample_corpus.txt"  # bundled real English prose (~14,700 words)

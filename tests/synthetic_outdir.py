@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esa import significance
-from esa.outputs import write_json
-from esa.score_sample import write_score_sample
-from esa.selection import top_k
-from esa.stability import stability_summary
-from esa.stats import tensor_stats
-from esa.sweep import sweep_curve
+from esa.analysis import significance
+from esa.analysis.stability import stability_summary
+from esa.analysis.stats import tensor_stats
+from esa.experiment.selection import top_k
+from esa.experiment.sweep import sweep_curve
+from esa.outdir.atomic import write_json
+from esa.runner.score_sample import write_score_sample
 
 PREFIX = "model.language_model.decoder_stack.transformer_layers"
 LEAVES = ("self_attention.q_proj", "self_attention.k_proj", "self_attention.v_proj", "self_attention.o_proj",

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import esa.data
-from esa.config import UsageError
 from esa.data import WIKITEXT2_ENV, bos_policy, from_text, load_data, sample_corpus
+from esa.errors import UsageError
 
 
 class CharTokenizer:
@@ -82,8 +82,8 @@ def test_bundled_corpus_is_substantial_and_original():
 def test_offline_fallback_is_fast_and_recorded(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv(WIKITEXT2_ENV, raising=False)  # CI sets it; this test is about having nothing local
-    import esa.hub
-    esa.hub.hub_reachable.cache_clear()
+    import esa.model.offline
+    esa.model.offline.hub_reachable.cache_clear()
     from transformers import AutoTokenizer
 
     from tests.realmodels import embedded_dir
@@ -94,7 +94,7 @@ def test_offline_fallback_is_fast_and_recorded(monkeypatch):
     assert data.data_source.startswith("bundled:")
     with pytest.raises(UsageError, match="cannot load dataset wikitext2"):
         load_data(tok, None, "wikitext2", max_length=256, eval_samples=16, max_samples=32)
-    esa.hub.hub_reachable.cache_clear()
+    esa.model.offline.hub_reachable.cache_clear()
 
 
 # ---------------------------------------------------------------- local raw files and what may fall back

@@ -14,8 +14,8 @@ import shlex
 import pytest
 
 import esa_runner
-from esa.baseline_cli import main as baseline_main
-from esa.superweights_cli import main as super_weights_main
+from esa.cli.baseline import main as baseline_main
+from esa.cli.superweights import main as super_weights_main
 from tests.realmodels import CORPUS, REPO
 
 DOCS = ("README.md", "README_ESA_RUNBOOK.md", "README_ESA_RUNBOOK_v2.md")

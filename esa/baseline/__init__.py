@@ -1,0 +1,6 @@
+"""The baseline runner: reference perplexity, calibration and word/byte metrics of the unmodified
+model (``scripts/baseline_runner.py``; flags in :mod:`esa.cli.baseline`).
+
+``evaluate`` (windows, strides, metric definitions), ``config`` (presets), ``run`` (the job).
+May import: esa.errors, esa.registry, esa.naming, esa.seeding, esa.outdir, esa.model, esa.data, esa.config.
+"""

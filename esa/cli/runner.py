@@ -1,0 +1,157 @@
+"""``esa_runner.py``: the ESA command line.
+
+Builds the parser in argument groups, normalises aliases, freezes the result into an
+:class:`esa.config.RunConfig`, validates it and calls :func:`esa.runner.pipeline.run`.
+``main(argv)`` returns the exit code: 0 success, 2 bad input (one line on stderr), 1 crash,
+130 interrupted.  Metric, perturbation and control names (and their help) come from the registries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from esa.cli.common import Parser, add_model_args, add_output_args, guarded, model_spec_args, setup_logging
+from esa.cli.plan import runner_plan
+from esa.config import (
+    CONTROLS,
+    METRICS,
+    MODES,
+    PERTURBATIONS,
+    RunConfig,
+    canonical,
+    parse_controls,
+    parse_seeds,
+    parse_topk_sweep,
+    validate,
+)
+from esa.data import DATASET_ALIASES, DATASETS
+
+log = logging.getLogger("esa")
+
+def _catalogue(registry) -> str:
+    """``name = definition; ...`` of every registered item (the --help text grows with the registry)."""
+    return "; ".join(f"{name} = {registry[name].help}" for name in registry)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=os.path.basename(sys.argv[0]) or "esa_runner.py",
+               description="Extreme Sensitivity Analysis: score every weight of a causal LM, perturb the "
+                           "Top-K against random_k/bottom_k controls and measure the perplexity change. "
+                           "Scores always accumulate in fp32.")
+    g = p.add_argument_group("model and runtime")
+    add_model_args(g)
+    g = p.add_argument_group("large models (see README 'Large models'; data parallel: torchrun --nproc_per_node N)")
+    g.add_argument("--device-map", choices=("auto",), default=None,
+                   help="spread the model and its fp32 score accumulators over all visible GPUs with accelerate")
+    g.add_argument("--offload", action="store_true",
+                   help="with --device-map auto: also place (and run) layers in CPU memory when the GPUs are full")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder block in backward instead of storing its activations "
+                        "(long contexts; gradient metrics only; same scores, slower)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-file", default=None, help="UTF-8 text file: evaluation = first --eval-samples "
+                   "windows, calibration = windows drawn per seed from the text after them")
+    g.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} (calibration = train split, "
+                   "evaluation = test split): from --data-dir, else (wikitext2) the file named by the environment "
+                   "variable ESA_WIKITEXT2_RAW, else the datasets library (cache or hub)")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="with --dataset: a folder holding the raw files wiki.test.raw (and wiki.train.raw; "
+                        "without it calibration comes from the test split after the evaluation windows)")
+    g.add_argument("--max-samples", type=int, default=32, help="calibration windows used for scoring")
+    g.add_argument("--eval-samples", type=int, default=16, help="evaluation windows used for perplexity")
+    g.add_argument("--max-length", type=int, default=256, help="tokens per window")
+    g.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    g = p.add_argument_group("scoring and selection")
+    g.add_argument("--metric", default="grad_x_weight",
+                   help=f"sensitivity metric: {', '.join(METRICS)} (aliases such as activation_magnitude -> "
+                        "act_mag are accepted). " + _catalogue(METRICS))
+    g.add_argument("--mode", choices=MODES, default="per_layer",
+                   help="per_layer: k highest scores in each target tensor; global: k highest overall")
+    g.add_argument("--topk", type=int, default=100, help="k")
+    g.add_argument("--hutchinson-samples", type=int, default=16,
+                   help="Rademacher probes for hutchinson_diag (one Hessian-vector product each)")
+    g.add_argument("--curvature-samples", type=int, default=1,
+                   help="Monte-Carlo label draws per calibration window for hessian_diag")
+    g.add_argument("--include", action="append", default=[], metavar="REGEX",
+                   help="only parameters whose name matches (repeatable)")
+    g.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="skip parameters whose name matches (repeatable)")
+    g = p.add_argument_group("perturbation")
+    g.add_argument("--perturb", default=None,
+                   help=f"perturb the Top-K and controls: {', '.join(PERTURBATIONS)} (alias gaussian -> "
+                        f"gauss_noise); {_catalogue(PERTURBATIONS)}. Omit to only score")
+    g.add_argument("--perturb-scale", type=float, default=1.0, help="scale of sign_flip / gauss_noise")
+    g.add_argument("--perturb-prob", type=float, default=1.0,
+                   help="probability that each selected weight is perturbed (seeded)")
+    g.add_argument("--bit-index", type=int, default=None,
+                   help="bit flipped by bit_flip (0 = least significant; default: the most significant "
+                        "exponent bit: 30 for fp32, 14 for bf16/fp16)")
+    g.add_argument("--controls", default="random_k,bottom_k",
+                   help=f"comma list of {', '.join(CONTROLS)}, or 'none': {_catalogue(CONTROLS)}")
+    g.add_argument("--topk-sweep", default="", metavar="K1,K2,...",
+                   help="dose-response: also perturb the Top-K and controls for each of these k (scores are "
+                        "computed once per seed); --topk stays the main k of the table, top_weights.csv and "
+                        "stability. Each k must fit the weight count like --topk. Needs --perturb")
+    g = p.add_argument_group("super weights (Yu et al. 2024; see also scripts/find_super_weights.py)")
+    g.add_argument("--detect-super-weights", action="store_true",
+                   help="also find super-weight candidates from activation spikes at every MLP down-projection "
+                        "(one forward pass, iterated), validate them by ablation on the evaluation windows, and "
+                        "report their overlap with the metric's Top-K: super_weights.json/.txt/.png")
+    g.add_argument("--super-weight-threshold", type=float, default=50.0,
+                   help="a layer spikes when its max |down-projection output| is this many times the median "
+                        "over layers")
+    g.add_argument("--max-super-weights", type=int, default=8, help="stop the iterative search after this many")
+    g.add_argument("--super-weight-prompt", default=None,
+                   help="detect on this text (default: a neutral sentence)")
+    g.add_argument("--detect-on-data", action="store_true",
+                   help="detect on the first calibration windows instead of a prompt")
+    g = p.add_argument_group("seeds")
+    g.add_argument("--seeds", default="0", help="comma list of seeds; the first is the primary seed")
+    g.add_argument("--stability-check", action="store_true", help="Jaccard overlap of Top-K across seeds")
+    g = p.add_argument_group("output")
+    add_output_args(g, "output directory (default: outputs/<model>_<metric>_<mode>_k<K>[_<perturb>]_<time>)")
+    g.add_argument("--save-plots", action="store_true", help="write PNG plots to OUT_DIR/plots/")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    """Normalise aliases and freeze the parsed flags into a RunConfig (nothing else sees ns)."""
+    return RunConfig(
+        **model_spec_args(ns),
+        device_map=ns.device_map, offload=ns.offload, gradient_checkpointing=ns.gradient_checkpointing,
+        metric=canonical(ns.metric, METRICS.names(), METRICS.aliases(), "--metric"),
+        mode=ns.mode, topk=ns.topk, topk_sweep=parse_topk_sweep(ns.topk_sweep),
+        perturb=canonical(ns.perturb, PERTURBATIONS.names(), PERTURBATIONS.aliases(), "--perturb") if ns.perturb
+        else None,
+        perturb_scale=ns.perturb_scale, perturb_prob=ns.perturb_prob, bit_index=ns.bit_index,
+        hutchinson_samples=ns.hutchinson_samples, curvature_samples=ns.curvature_samples,
+        controls=parse_controls(ns.controls), seeds=parse_seeds(ns.seeds),
+        stability_check=ns.stability_check, data_file=ns.data_file, data_dir=ns.data_dir,
+        dataset=canonical(ns.dataset, DATASETS, DATASET_ALIASES, "--dataset") if ns.dataset else None,
+        max_samples=ns.max_samples, eval_samples=ns.eval_samples, max_length=ns.max_length,
+        batch_size=ns.batch_size, include=tuple(ns.include), exclude=tuple(ns.exclude),
+        out_dir=ns.out_dir, save_plots=ns.save_plots, detect_super_weights=ns.detect_super_weights,
+        super_weight_threshold=ns.super_weight_threshold, max_super_weights=ns.max_super_weights,
+        super_weight_prompt=ns.super_weight_prompt, detect_on_data=ns.detect_on_data, dry_run=ns.dry_run,
+        verbose=ns.verbose,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def body() -> int:
+        cfg = validate(config_from_args(build_parser().parse_args(argv)))
+        setup_logging(cfg.verbose)
+        if cfg.dry_run:
+            print(runner_plan(cfg))
+            return 0
+        from esa.runner.pipeline import run  # heavy imports (transformers, matplotlib, scipy) only for a real run
+
+        run(cfg)
+        return 0
+
+    return guarded(body, argv, "interrupted (the manifest says so; the model was restored)")

@@ -1,0 +1,135 @@
+"""Top-K selection with deterministic ties and O(k) memory beyond the scores (controls: :mod:`esa.experiment.controls`).
+
+Order is (score descending, target order ascending, flat index ascending): among equal scores the
+weight that comes first in ``model.named_parameters()`` order, then the lower flat (row-major)
+index, wins.  ``bottom_k`` uses (score ascending, same tie-break).  ``global`` selection merges
+per-tensor candidates (each tensor's own top-k under the same order), which provably contains the
+global top-k, so no Python object is ever built per weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from esa.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Chosen weights: per target name, flat indices (int64, cpu) and their scores (fp32, cpu)."""
+
+    kind: str
+    indices: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor]
+
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.indices.values())
+
+    def keys(self) -> set[tuple[str, int]]:
+        """Identity of each weight: (parameter name, flat index). O(k) objects, only for small k."""
+        return {(n, int(i)) for n, idx in self.indices.items() for i in idx.tolist()}
+
+    def ranked(self, order: list[str]) -> list[tuple[str, int, float]]:
+        """Rows (name, flat index, score) in selection order; ``order`` = target names in order."""
+        pos = {n: i for i, n in enumerate(order)}
+        names = [n for n in order if n in self.indices and len(self.indices[n])]
+        if not names:
+            return []
+        tid = torch.cat([torch.full((len(self.indices[n]),), pos[n]) for n in names])
+        idx = torch.cat([self.indices[n] for n in names])
+        sc = torch.cat([self.scores[n] for n in names])
+        perm = np.lexsort((idx.numpy(), tid.numpy(), -sc.double().numpy() if self.kind != "bottom_k"
+                           else sc.double().numpy()))
+        return [(order[int(tid[j])], int(idx[j]), float(sc[j])) for j in perm]
+
+    def prefix(self, k: int, mode: str, order: list[str]) -> Selection:
+        """The first ``k`` of this selection in its rank order: per tensor for ``per_layer``, overall
+        for ``global`` (``order`` = target names in order).
+
+        Under the total order (score, target order, flat index) the Top-K sets are nested, so the
+        prefix *is* the selection for the smaller k, with the same stored order, at O(k) cost instead
+        of another pass over all scores.  Valid for ``top_k`` and ``bottom_k`` (stored in rank order).
+        """
+        if mode == "per_layer":
+            return Selection(self.kind, {n: i[:k] for n, i in self.indices.items()},
+                             {n: s[:k] for n, s in self.scores.items()})
+        idx: dict[str, list[int]] = {n: [] for n in self.indices}
+        pos_of: dict[str, list[int]] = {}
+        for name, i, _score in self.ranked(order)[:k]:
+            idx[name].append(i)
+        for n in self.indices:  # scores gathered by position so they stay bit-identical fp32
+            pos = {int(v): j for j, v in enumerate(self.indices[n].tolist())}
+            pos_of[n] = [pos[i] for i in idx[n]]
+        return Selection(self.kind, {n: torch.tensor(idx[n], dtype=torch.int64) for n in idx},
+                         {n: self.scores[n][torch.tensor(pos_of[n], dtype=torch.int64)] for n in idx})
+
+
+def extreme_k(flat: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """Flat indices of the k largest (or smallest) values, ordered by value then index.
+
+    Deterministic: ties at the threshold go to the lowest indices.  Fast path: one ``topk`` of
+    k+1 values; when the (k+1)-th value is strictly beyond the k-th, no tie crosses the cut and the
+    top-k set is exact without touching the tensor again.  Only a tie across the cut (rare for
+    continuous scores) costs a full pass with boolean masks the size of ``flat``.
+    """
+    n = flat.numel()
+    k = min(k, n)
+    vals = flat if largest else flat.neg()
+    top = torch.topk(vals, min(k + 1, n), sorted=True)
+    thr = top.values[k - 1]
+    if k == n or bool(top.values[k] < thr):
+        idx = top.indices[:k].sort().values
+    else:
+        above = torch.nonzero(vals > thr).squeeze(1)
+        ties = torch.nonzero(vals == thr).squeeze(1)[: k - len(above)]
+        idx = torch.cat([above, ties]).sort().values
+    order = torch.sort(vals[idx], descending=True, stable=True).indices
+    return idx[order]
+
+
+def merge_global(scores: dict[str, torch.Tensor], names: list[str], k: int, largest: bool
+                  ) -> dict[str, torch.Tensor]:
+    cand_idx, cand_val, cand_tid = [], [], []
+    for t, name in enumerate(names):
+        flat = scores[name].reshape(-1)
+        idx = extreme_k(flat, k, largest)
+        cand_idx.append(idx.cpu())
+        cand_val.append(flat[idx].cpu())
+        cand_tid.append(torch.full((len(idx),), t))
+    val, tid, idx = torch.cat(cand_val), torch.cat(cand_tid), torch.cat(cand_idx)
+    # candidates are already in (tensor, value, index) order; a stable sort on value finishes it
+    order = torch.sort(val if largest else val.neg(), descending=True, stable=True).indices[:k]
+    return {name: idx[order][tid[order] == t] for t, name in enumerate(names)}
+
+
+def gather(scores: dict[str, torch.Tensor], indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: scores[n].reshape(-1)[i.to(scores[n].device)].float().cpu() for n, i in indices.items()}
+
+
+def check_k(mode: str, k: int, sizes: dict[str, int], need: int, flag: str = "--topk") -> None:
+    """Raise UsageError unless ``need * k`` weights fit (per tensor for per_layer, overall for global).
+
+    ``sizes`` = weight count per target; ``need`` = 2 when random_k must be drawn disjoint from the Top-K.
+    """
+    if mode == "per_layer":
+        small = min(sizes, key=sizes.get)
+        if sizes[small] < need * k:
+            raise UsageError(f"{flag} {k} (per_layer) is too large: {small} has only {sizes[small]} weights"
+                             + (" and the controls need as many again" if need > 1 else ""))
+    elif sum(sizes.values()) < need * k:
+        raise UsageError(f"{flag} {k} (global) is too large: the targets hold {sum(sizes.values())} weights"
+                         + (" and the controls need as many again" if need > 1 else ""))
+
+
+def top_k(scores: dict[str, torch.Tensor], names: list[str], k: int, mode: str, need: int = 1) -> Selection:
+    """The Top-K of ``scores`` (``names`` in target order). ``need=2`` reserves room for controls."""
+    check_k(mode, k, {n: scores[n].numel() for n in names}, need)
+    if mode == "per_layer":
+        indices = {n: extreme_k(scores[n].reshape(-1), k).cpu() for n in names}
+    else:
+        indices = merge_global(scores, names, k, largest=True)
+    return Selection("top_k", indices, gather(scores, indices))

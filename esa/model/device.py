@@ -1,0 +1,57 @@
+"""Which device and dtype a run really uses, and the warnings the user must see about it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from esa.errors import UsageError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEVICES = ("cuda", "cpu", "auto")
+EMBEDDED_MODEL = "smollm2-135m"  # the default --model: SmolLM2-135M-Instruct shipped in a PyPI wheel
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model, on which device, in which dtype, as the user asked (every tool's config starts
+    with these fields; ``*_explicit`` record whether the flag was given, so defaults may fall back)."""
+
+    model: str = EMBEDDED_MODEL
+    device: str = "cuda"
+    device_explicit: bool = False
+    dtype: str = "bf16"
+    dtype_explicit: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: str  # "cuda" or "cpu"
+    dtype: str  # "bf16" | "fp16" | "fp32"
+    warnings: tuple[str, ...]
+
+
+def resolve_device(device: str, device_explicit: bool, dtype: str, dtype_explicit: bool,
+                   cuda_available: bool | None = None) -> DeviceChoice:
+    """Pick the device and dtype the run will really use, with the warnings the user must see.
+
+    Default ``cuda`` falls back to cpu (one warning) only when the user did not ask for cuda
+    explicitly; on cpu the default bf16 becomes fp32 (one warning) because bf16 matmuls are
+    several times slower there.  An explicit choice is never overridden.
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    warnings: list[str] = []
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+    elif device == "cuda" and not cuda_available:
+        if device_explicit:
+            raise UsageError("--device cuda was requested but CUDA is not available (use --device cpu)")
+        warnings.append("CUDA is not available; falling back to --device cpu")
+        device = "cpu"
+    if device == "cpu" and dtype != "fp32" and not dtype_explicit:
+        warnings.append(f"running on cpu: using --dtype fp32 instead of the default {dtype} "
+                        "(bf16/fp16 matmuls are several times slower on cpu; pass --dtype to force)")
+        dtype = "fp32"
+    return DeviceChoice(device, dtype, tuple(warnings))

@@ -1,0 +1,127 @@
+"""Data parallelism over torch.distributed, for ``torchrun --nproc_per_node N esa_runner.py ...``.
+
+Every rank holds the whole model (use ``--device-map auto`` instead when one device cannot) and
+the same token windows.  Each rank scores a contiguous share of the calibration windows and
+evaluates a contiguous share of the evaluation windows; the fp32 score accumulators and the NLL
+sums are all-reduced (summed), so every rank ends with the scores and perplexities one process
+would compute, up to float summation order.  Selection is then computed on every rank from the
+identical reduced scores (and checked to agree); only rank 0 writes files and prints.
+
+Backend: nccl for CUDA (one GPU per rank, ``cuda:$LOCAL_RANK``), gloo on CPU.  Without torchrun
+(no ``WORLD_SIZE`` > 1 in the environment) every function here is the single-process identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.distributed as tdist
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher (torchrun) started, from ``WORLD_SIZE``: the one place
+    that reads it, valid before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def requested() -> bool:
+    """True when launched by torchrun (or any launcher) with more than one process."""
+    return launched_world_size() > 1
+
+
+def active() -> bool:
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_device(device: str) -> str:
+    """The device of this rank: ``cuda:$LOCAL_RANK`` for cuda under torchrun, else ``device``."""
+    if device == "cuda" and requested():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[None]:
+    """Join the process group torchrun describes (nccl on cuda, gloo on cpu) and leave it after."""
+    if not requested() or active():
+        yield
+        return
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(device))
+    tdist.init_process_group(backend=backend)
+    try:
+        yield
+    finally:
+        tdist.destroy_process_group()
+
+
+def shard_bounds(n: int) -> tuple[int, int]:
+    """``[start, end)`` of this rank's contiguous share of ``n`` items (sizes differ by at most 1)."""
+    r, w = rank(), world_size()
+    return n * r // w, n * (r + 1) // w
+
+
+def shard(windows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's share of ``windows`` ``[W, L]`` and the global index of its first row."""
+    start, end = shard_bounds(len(windows))
+    return windows[start:end], start
+
+
+def all_reduce_sum(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum each tensor over ranks in place (every rank gets the sum); no-op in one process."""
+    if not active():
+        return
+    for t in tensors:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+
+
+def all_reduce_floats(values: list[float]) -> list[float]:
+    """Sum Python floats over ranks in float64 (NLL sums and token counts)."""
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def barrier() -> None:
+    if active():
+        tdist.barrier()
+
+
+def check_same(label: str, payload: bytes) -> None:
+    """Raise on every rank unless all ranks hold the same ``payload`` (e.g. the Top-K they chose).
+
+    Selections are computed on every rank from identical all-reduced scores, so they must agree;
+    a mismatch would mean ranks perturb different weights and the perplexities mix conditions.
+    """
+    if not active():
+        return
+    digest = int.from_bytes(hashlib.sha256(payload).digest()[:7], "little")
+    t = torch.tensor([digest, -digest], dtype=torch.int64, device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    if int(t[0]) != digest or int(-t[1]) != digest:
+        raise RuntimeError(f"ranks disagree on {label}; refusing to mix different selections")
+
+
+def _comm_device() -> torch.device:
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

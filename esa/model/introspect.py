@@ -1,0 +1,33 @@
+"""Small questions about a loaded model that compute code asks: where inputs go, whether it is in
+eval mode, and what it is (for the records).  Torch only: no transformers import."""
+
+from __future__ import annotations
+
+import torch
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where token ids must go: the input embedding's device (the first device under a device map)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
+
+
+def model_record(model: torch.nn.Module) -> dict:
+    """The model's class, type, parameter count and tying, as recorded in config.json."""
+    cfg = getattr(model, "config", None)
+    return {
+        "class": type(model).__name__,
+        "model_type": getattr(cfg, "model_type", None),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+    }
+
+
+def assert_eval(model: torch.nn.Module) -> None:
+    """Scores and perplexities are only meaningful with dropout off: refuse otherwise."""
+    training = [n for n, m in model.named_modules() if m.training]
+    if training:
+        raise RuntimeError(f"model must be in eval mode; modules in training mode: {training[:3]}")

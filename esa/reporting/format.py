@@ -1,0 +1,60 @@
+"""Numbers and names as a reader wants them: 3.2e4, ×1.0002, 134.5M, "Sign-flipping", "L12 down_proj"."""
+
+from __future__ import annotations
+
+import math
+
+
+def num(x) -> float:
+    """A JSON number, or the strict-JSON strings "inf"/"-inf"/"nan", or None -> float (None -> nan)."""
+    if x is None:
+        return math.nan
+    return float(x)  # float("inf") parses the strings written by esa.outdir.atomic
+
+
+def sci(x: float, digits: int = 2) -> str:
+    """Compact number: 3.2e4, 1.002, 0.031, 5.1e-7, inf (``digits`` significant digits for large/small)."""
+    x = num(x)
+    if math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    if 100 <= abs(x) < 1e4:
+        return f"{x:.0f}"
+    if 1e-2 <= abs(x) < 100:
+        return f"{x:.{max(digits + 1, 3)}g}"
+    mant, exp = f"{x:.{digits - 1}e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
+def count_text(n: int) -> str:
+    """A weight count: 1024 -> "1,024", 786432 -> "786k", 134515008 -> "134.5M"."""
+    n = int(n)
+    if n < 10_000:
+        return f"{n:,}"
+    if n < 1_000_000:
+        return f"{n / 1e3:.0f}k"
+    if n < 1_000_000_000:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e9:.2f}B"
+
+
+def ratio_text(r: float) -> str:
+    """A perplexity ratio as a multiplier: ×1.002 near 1, ×3.2e4 when large."""
+    r = num(r)
+    if math.isfinite(r) and abs(r - 1) < 0.1:
+        return f"×{r:.4f}"  # 4 decimals: ×1.0000 says "no change at this precision", not a rounded ×1
+    if math.isfinite(r) and r < 10:
+        return f"×{r:.2f}"
+    return f"×{sci(r)}"
+
+
+VERBS = {"zero": "Zeroing", "sign_flip": "Sign-flipping", "gauss_noise": "Adding Gaussian noise to",
+         "bit_flip": "Flipping one bit of"}
+
+
+def verb(perturb: str | None) -> str:
+    """The perturbation as a sentence opening: ``zero`` -> "Zeroing"."""
+    return VERBS.get(perturb or "", f"Perturbing ({perturb})")

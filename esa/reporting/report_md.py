@@ -1,0 +1,154 @@
+"""``report.md``: the run's question, configuration, summary table, plots with readings, file list.
+
+Built only from the files of an out-dir (``config.json``, ``perturbation_results.json``,
+``stability_summary.json``, ``experiment_manifest.json``, ``plots/*.png`` and what the plot readings
+read), so ``python -m esa.report OUT_DIR`` rebuilds it for an old run without the model.  The
+pipeline writes it at the end of every run; plot sections appear for the PNGs present in
+``plots/`` (i.e. with ``--save-plots``).  Written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from esa.outdir.atomic import atomic_write_text
+from esa.outdir.readers import read_json
+from esa.reporting import summary
+from esa.reporting.format import count_text, num, ratio_text, sci, verb
+from esa.reporting.plots import PLOTS
+
+FILE_NOTES = {
+    "config.json": "resolved configuration, device, library versions, targets, data source, seed semantics",
+    "experiment_manifest.json": "status, timings per phase, peak memory, file list",
+    "top_weights.csv": "the Top-K of every seed: rank (across all tensors), parameter, flat index, coordinates, score, "
+                       "rank within its tensor",
+    "sensitivity_stats.json": "per-tensor score statistics of the primary seed (quantiles, top shares)",
+    "score_distribution.npz": "exact top scores and a weighted sample of all scores per module type (primary seed)",
+    "perturbation_results.json": "baseline and every condition's perplexity, per seed, summary, tests, sweep",
+    "stability_summary.json": "Jaccard overlap of the Top-K across seeds",
+    "report.md": "this report",
+    "super_weights.json": "super-weight candidates (data-free detector), every search pass, ablation, Top-K overlap",
+    "super_weights.txt": "the super-weight table as printed",
+    "super_weights.png": "max |down-projection input| and |output| per layer, spikes marked (PNG)",
+}
+
+
+def _question(cfg: dict, pert: dict | None) -> str:
+    c = cfg["config"]
+    sel = f"{c['topk']} weights per tensor" if c["mode"] == "per_layer" else f"{c['topk']} weights"
+    controls = " or ".join(f"`{x}`" for x in c["controls"]) or "no control"
+    if not c.get("perturb"):
+        return (f"**Question.** Which weights of `{c['model']}` score highest under `{c['metric']}` "
+                f"(Top-K, the {sel}), and how concentrated are the scores? (no perturbation run)")
+    sweep = (f" And how many weights does it take (dose–response over k = {', '.join(map(str, c['topk_sweep']))})?"
+             if c.get("topk_sweep") else "")
+    return (f"**Question.** Does {verb(c['perturb']).lower()} the {sel} of `{c['model']}` with the highest "
+            f"`{c['metric']}` scores (Top-K) hurt perplexity more than the same number of {controls} weights?{sweep}")
+
+
+def _configuration(cfg: dict, pert: dict | None, manifest: dict | None) -> str:
+    c, r, d = cfg["config"], cfg["resolved"], cfg["data"]
+    seeds = ", ".join(map(str, r.get("seeds_run") or c["seeds"]))
+    perturb = (f"{c['perturb']} (scale {c['perturb_scale']}, prob {c['perturb_prob']})" if c.get("perturb")
+               else "none")
+    status = f"; run {manifest['status']} in {manifest.get('wall_time_s', 0):.0f} s" if manifest else ""
+    return (f"**Configuration.** {count_text(cfg['targets']['weights'])} weights in {cfg['targets']['count']} "
+            f"target tensors; {c['mode']} Top-K; data {d['data_source']}: {c['max_samples']} calibration windows "
+            f"per seed, {d['eval_windows']} evaluation windows of {d['window_tokens']} tokens; seeds {seeds} "
+            f"(primary {seeds.split(',')[0]}); perturbation {perturb}; {r['device']} {r['dtype']}{status}."
+            + _caveats(c))
+
+
+def _caveats(c: dict) -> str:
+    """What a reader must know to read the scores and top_weights.csv right."""
+    notes = []
+    if c["metric"] == "act_mag":
+        notes.append("act_mag scores are not comparable across layers: the input norms ‖x‖ grow with depth, so a "
+                     "global Top-K favours the layers with the largest activations")
+    if c["mode"] == "per_layer":
+        notes.append("under per_layer, `rank` in top_weights.csv orders the whole Top-K across tensors; "
+                     "`tensor_rank` is the rank within the weight's own tensor")
+    return "".join(f"\n\nNote: {n}." for n in notes)
+
+
+def file_list(out_dir: Path, manifest: dict | None) -> list[str]:
+    """Every file of the out-dir (manifest order first, then anything else found, e.g. re-made plots)."""
+    names = list((manifest or {}).get("files", []))
+    found = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(out_dir).parts))
+    order = {f"plots/{s.file}": i for i, s in enumerate(PLOTS)}
+    names += sorted((n for n in found if n not in names), key=lambda n: (order.get(n, len(order)), n))
+    names += [n for n in ("experiment_manifest.json", "report.md") if n not in names]
+    titles = {f"plots/{s.file}": s.title for s in PLOTS}
+    out = ["| file | content |", "|---|---|"]
+    for n in names:
+        if n == "report.md" or (out_dir / n).is_file():
+            out.append(f"| `{n}` | {FILE_NOTES.get(n) or (titles.get(n, 'plot') + ' (PNG)')} |")
+    return out
+
+
+def super_weights_section(sw: dict | None) -> list[str]:
+    """Candidates with their ablation ratio and rank in each seed's Top-K (``--detect-super-weights``)."""
+    if sw is None:
+        return []
+    cands = sw.get("candidates") or []
+    lines = ["", "## Super weights", "", f"Data-free detector (threshold {sw['settings']['threshold']:g}x the median "
+             f"max |down-projection output|): {count_text(len(cands))} candidate(s); search stopped: {sw['stopped']}."]
+    if not cands:
+        return lines
+    abl = sw.get("ablation") or {}
+    each = abl.get("each") or [{}] * len(cands)
+    per_seed = (sw.get("topk_overlap") or {}).get("per_seed", {})
+    lines += ["", "| # | weight | value | spike | ppl ratio zeroed | Top-K rank per seed |",
+              "|---|---|---|---|---|---|"]
+    for i, (c, ev) in enumerate(zip(cands, each)):
+        ranks = ", ".join(f"{seed}: {rows[i]['rank'] or '-'}" for seed, rows in per_seed.items()) or "-"
+        lines.append(f"| {i + 1} | `{c['param']}`[{c['row']}, {c['col']}] | {c['weight']:.4g} | "
+                     f"{c['output_ratio']:.0f}x | {ratio_text(ev['ratio']) if ev else '-'} | {ranks} |")
+    if abl.get("all"):
+        lines += ["", f"All {len(cands)} zeroed: perplexity {ratio_text(abl['all']['ratio'])}; as many random weights "
+                      f"of the same matrices zeroed: {ratio_text(abl['random']['ratio'])} (baseline "
+                      f"{sci(abl['baseline']['ppl'])} on {abl['windows']} windows)."]
+    return lines
+
+
+def build_report(out_dir: Path) -> str:
+    out_dir = Path(out_dir)
+    cfg = read_json(out_dir, "config.json")
+    if cfg is None:
+        raise FileNotFoundError(f"{out_dir}/config.json is missing: not an ESA out-dir")
+    pert = read_json(out_dir, "perturbation_results.json")
+    stab = read_json(out_dir, "stability_summary.json")
+    manifest = read_json(out_dir, "experiment_manifest.json")
+    c = cfg["config"]
+    lines = [f"# ESA report: `{c['model']}`, {c['metric']}, {c['mode']}, k = {c['topk']}", "",
+             _question(cfg, pert), "", _configuration(cfg, pert, manifest), "", "## Summary", ""]
+    if pert is not None:
+        lines += summary.markdown_summary(pert, stab) + summary.markdown_sweep(pert)
+        top = num(pert["conditions"]["top_k"]["ppl"])
+        if math.isinf(top):
+            lines += ["", "`inf` = the perturbed model's loss overflowed (perplexity infinite)."]
+    else:
+        lines.append("No perturbation was run (no `--perturb`): scores and Top-K only.")
+        if stab is not None:
+            lines += [f"Top-K stability: mean Jaccard {stab['jaccard_mean']:.3f} over consecutive seed pairs."]
+    lines += super_weights_section(read_json(out_dir, "super_weights.json"))
+    shown = [s for s in PLOTS if (out_dir / "plots" / s.file).is_file()]
+    if shown:
+        lines += ["", "## Plots"]
+        for s in shown:
+            reading = s.read(out_dir) or "(its data file is missing from this out-dir)"
+            lines += ["", f"### {s.title}", "", f"![{s.title}](plots/{s.file})", "", reading]
+    else:
+        lines += ["", "(No plots: run with `--save-plots`, or `python -m esa.report OUT_DIR` to draw them.)"]
+    lines += ["", "## Files", ""] + file_list(out_dir, manifest)
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: Path) -> Path:
+    """Write ``OUT_DIR/report.md`` atomically from the out-dir's files; returns its path."""
+    out_dir = Path(out_dir)
+    dest = out_dir / "report.md"
+    atomic_write_text(dest, build_report(out_dir))
+    return dest

@@ -1,0 +1,125 @@
+"""The super-weight files from the results dict alone: ``super_weights.json``, the table
+(``super_weights.txt``, also printed) and the spike plot (``super_weights.png``).
+
+``python -m esa.report OUT_DIR`` redraws the plot of an old run from its JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from esa.outdir.atomic import atomic_write_text, write_json
+from esa.reporting.format import num, ratio_text, sci
+from esa.reporting.plotkit import save
+
+JSON_NAME = "super_weights.json"
+TABLE_NAME = "super_weights.txt"
+PLOT_NAME = "super_weights.png"
+
+
+def _label(pass_layer: Mapping) -> str:
+    return str(pass_layer["layer"]) if pass_layer.get("layer") is not None else pass_layer["module"]
+
+
+def format_table(results: Mapping) -> str:
+    """Candidates (layer, parameter, row, col, value, activations, spike ratio) and ablation ratios."""
+    cands = results.get("candidates") or []
+    abl = results.get("ablation") or {}
+    each = abl.get("each") or []
+    s = results.get("settings", {})
+    lines = [f"super-weight search: threshold {s.get('threshold')}x the median max |down-proj output|, "
+             f"{len(cands)} candidate(s); stopped: {results.get('stopped')}"]
+    if cands:
+        head = (f"{'#':>2} {'layer':>5} {'parameter':<40} {'row':>6} {'col':>6} {'weight':>9} {'|x_in|':>9} "
+                f"{'|y_out|':>9} {'spike':>8} {'tok':>4} {'ppl zeroed':>11} {'ratio':>9}")
+        lines += [head, "-" * len(head)]
+        for i, c in enumerate(cands):
+            ev = each[i] if i < len(each) else {}
+            lines.append(f"{i + 1:>2} {str(c['layer']):>5} {c['param'][-40:]:<40} {c['row']:>6} {c['col']:>6} "
+                         f"{c['weight']:>9.4g} {abs(num(c['input_activation'])):>9.4g} "
+                         f"{abs(num(c['output_activation'])):>9.4g} {sci(c['output_ratio']) + 'x':>8} "
+                         f"{c['position']:>4} {sci(ev.get('ppl')) if ev else '-':>11} "
+                         f"{ratio_text(ev['ratio']) if ev else '-':>9}")
+        lines.append("row, col: indices in the weight tensor's own layout (Linear [out, in]; Conv1D [in, out]); "
+                     "|x_in|, |y_out|: input and output activation at token position 'tok'; spike: max |output| "
+                     "/ median over layers; ratio: perplexity with that weight alone zeroed / baseline")
+    else:
+        lines.append("no down-projection output exceeded the threshold: no super-weight candidate")
+    if abl:
+        base = abl["baseline"]["ppl"]
+        lines.append(f"ablation on {abl['windows']} windows x {abl['seq_len']} tokens: baseline ppl {sci(base)}")
+        if abl.get("all"):
+            lines.append(f"  all {len(cands)} candidates zeroed: ppl {sci(abl['all']['ppl'])} "
+                         f"({ratio_text(abl['all']['ratio'])})")
+            lines.append(f"  {len(cands)} random weight(s) of the same matrices zeroed (seed {abl['seed']}): ppl "
+                         f"{sci(abl['random']['ppl'])} ({ratio_text(abl['random']['ratio'])})")
+    lines += _overlap_lines(results.get("topk_overlap"))
+    return "\n".join(lines)
+
+
+def _overlap_lines(overlap: Mapping | None) -> list[str]:
+    """One line per seed: which candidates are in the metric's Top-K (esa_runner --detect-super-weights)."""
+    if not overlap:
+        return []
+    out = [f"overlap with the {overlap['metric']} Top-K ({overlap['mode']}, k={overlap['k']}):"]
+    for seed, rows in overlap["per_seed"].items():
+        hits = [f"#{i + 1} at rank {r['rank']}" for i, r in enumerate(rows) if r["in_topk"]]
+        out.append(f"  seed {seed}: {len(hits)} of {len(rows)} candidates in the Top-K"
+                   + (f" ({', '.join(hits)})" if hits else ""))
+    return out
+
+
+def plot_spikes(source: Mapping | str | Path, dest: str | Path) -> Path:
+    """Max |down-proj input| and |output| per layer on a log axis, spikes marked; from the JSON only.
+
+    ``source``: the results dict, a ``super_weights.json`` path or the out-dir holding it.  The first
+    pass (the unmodified model) is drawn solid; when candidates were zeroed, the last pass (with them
+    zeroed) is drawn dashed, so the plot shows whether the spikes vanish.
+    """
+    import matplotlib.pyplot as plt
+
+    if not isinstance(source, Mapping):
+        path = Path(source)
+        source = json.loads((path / JSON_NAME if path.is_dir() else path).read_text())
+    passes = source["passes"]
+    first = passes[0]["layers"]
+    xs = list(range(len(first)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(xs) + 3), 4.2))
+    ax.plot(xs, [num(r["out_max"]) for r in first], "o-", color="tab:red", ms=4, label="max |output| (down-proj)")
+    ax.plot(xs, [num(r["in_max"]) for r in first], "s-", color="tab:blue", ms=3, label="max |input| (down-proj)")
+    if len(passes) > 1:
+        last = passes[-1]["layers"]
+        n = len(passes[-1]["zeroed"])
+        ax.plot(xs, [num(r["out_max"]) for r in last], "--", color="tab:red", alpha=0.6,
+                label=f"max |output|, {n} candidate(s) zeroed")
+        ax.plot(xs, [num(r["in_max"]) for r in last], "--", color="tab:blue", alpha=0.6,
+                label=f"max |input|, {n} candidate(s) zeroed")
+    thr = num(source["settings"]["threshold"]) * num(passes[0]["median_out_max"])
+    ax.axhline(thr, color="gray", lw=0.8, ls=":", label=f"spike threshold ({sci(source['settings']['threshold'])}x "
+                                                          "median max |output|)")
+    for i, r in enumerate(first):
+        if r["spike"]:
+            ax.annotate(f"L{_label(r)} ch {r['out_channel']}", (i, num(r["out_max"])), textcoords="offset points",
+                        xytext=(0, 6), ha="center", fontsize=8, color="tab:red")
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 4)  # headroom for the spike labels
+    ax.set_xticks(xs)
+    ax.set_xticklabels([_label(r) for r in first], fontsize=7, rotation=90 if len(xs) > 40 else 0)
+    ax.set_xlabel("layer (MLP output projection)")
+    ax.set_ylabel("max |activation| over tokens (log)")
+    ax.set_title("Super-activation search: down-projection maxima per layer", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    return save(fig, Path(dest))
+
+
+def write_super_weights(results: Mapping, out_dir: str | Path) -> list[str]:
+    """Write ``super_weights.json``, ``super_weights.txt`` (the table) and ``super_weights.png`` into
+    ``out_dir`` (atomically); return the file names written."""
+    out = Path(out_dir)
+    write_json(out / JSON_NAME, results)
+    atomic_write_text(out / TABLE_NAME, format_table(results) + "\n")
+    plot_spikes(results, out / PLOT_NAME)
+    return [JSON_NAME, TABLE_NAME, PLOT_NAME]

@@ -1,0 +1,94 @@
+"""The perturbation experiment of a run: each seed's Top-K and controls perturbed in place,
+evaluated on the fixed evaluation windows and restored; then the cross-seed statistics."""
+
+from __future__ import annotations
+
+import logging
+
+from esa.analysis import significance
+from esa.config import RunConfig
+from esa.data import TokenData
+from esa.experiment import selection
+from esa.experiment.conditions import perplexity_row
+from esa.experiment.perturb import perturbed
+from esa.experiment.sweep import sweep_curve
+from esa.model.forward import perplexity
+from esa.runner.context import RunContext
+from esa.runner.seeds import SeedResult
+from esa.seeding import torch_generator
+
+log = logging.getLogger("esa")
+
+
+def baseline_perplexity(ctx: RunContext) -> dict:
+    """Perplexity of the unmodified model on the evaluation windows (computed once per run)."""
+    with ctx.manifest.phase("evaluation"):
+        log.info("baseline perplexity on %d evaluation windows", len(ctx.data.eval_windows))
+        base = perplexity(ctx.model, ctx.data.eval_windows, ctx.cfg.batch_size)
+    log.info("baseline perplexity %.4f", base["ppl"])
+    return base
+
+
+def evaluate_conditions(ctx: RunContext, result: SeedResult, base: dict | None = None) -> dict:
+    """Each condition of one seed perturbed in place, evaluated and restored (baseline if not given)."""
+    if base is None:
+        base = baseline_perplexity(ctx)
+    conditions = _evaluate(ctx, result.seed, [("top_k", result.top), *result.controls.items()], base)
+    return {"seed": result.seed, "baseline": base, "conditions": conditions}
+
+
+def evaluate_sweep(ctx: RunContext, result: SeedResult, base: dict, primary: dict) -> dict[int, dict[str, dict]]:
+    """``{k: {condition: row}}`` of one seed for every --topk-sweep k (the main k reuses ``primary``)."""
+    cfg = ctx.cfg
+    out = {}
+    for k in cfg.topk_sweep:
+        if k == cfg.topk:
+            out[k] = primary["conditions"]
+            continue
+        top, controls = result.sweep[k]
+        log.info("seed %d: sweep k=%d", result.seed, k)
+        out[k] = _evaluate(ctx, result.seed, [("top_k", top), *controls.items()], base, stream_suffix=f":k{k}")
+    return out
+
+
+def _evaluate(ctx: RunContext, seed: int, conds: list[tuple[str, selection.Selection]], base: dict,
+              stream_suffix: str = "") -> dict:
+    """Perturb each selection in place, measure perplexity, restore; rows keyed by condition name."""
+    cfg = ctx.cfg
+    with ctx.manifest.phase("evaluation"):
+        conditions = {}
+        for name, sel in conds:
+            gen = torch_generator(seed, f"perturb:{name}{stream_suffix}")
+            with perturbed(ctx.by_name, sel, cfg.perturb, cfg.perturb_scale, cfg.perturb_prob, gen,
+                           cfg.bit_index) as info:
+                row = perplexity_row(ctx.model, ctx.data.eval_windows, cfg.batch_size, base["ppl"],
+                                     f"seed {seed} {name}")
+            conditions[name] = {**row, **info}
+            if info["n_changed"] < info["n_perturbed"]:
+                log.warning("%s: only %d of %d perturbed weights changed value (the others are exactly 0, "
+                            "which %s leaves unchanged)", name, info["n_changed"], info["n_perturbed"], cfg.perturb)
+            log.info("seed %d %s: perplexity %s (%d weights perturbed)", seed, name, row.get("ppl"),
+                     info["n_perturbed"])
+    return conditions
+
+
+def perturbation_results(cfg: RunConfig, data: TokenData, blocks: list[dict], bit_index: int | None,
+                         sweeps: list[dict[int, dict]] | None = None) -> dict:
+    """The primary seed's block where single-seed users expect it, every seed's, and statistics.
+
+    ``summary`` and ``tests`` exist only with >= 2 seeds (absent, never zero, otherwise); ``sweep``
+    (see :mod:`esa.experiment.sweep`) only with --topk-sweep.
+    """
+    per_seed = {str(b["seed"]): b["conditions"] for b in blocks}
+    out = {"seed": blocks[0]["seed"], "metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk,
+           "perturb": cfg.perturb, "perturb_scale": cfg.perturb_scale, "perturb_prob": cfg.perturb_prob,
+           "bit_index": bit_index,
+           "eval_windows": len(data.eval_windows), "baseline": blocks[0]["baseline"],
+           "conditions": blocks[0]["conditions"], "seeds": [b["seed"] for b in blocks], "per_seed": per_seed}
+    if len(blocks) >= 2:
+        out["summary"] = significance.condition_summary(per_seed)
+        out["tests"] = significance.top_vs_controls(per_seed)
+    if sweeps:
+        out["sweep"] = sweep_curve(list(cfg.topk_sweep), cfg.topk,
+                                   {str(b["seed"]): sw for b, sw in zip(blocks, sweeps)})
+    return out

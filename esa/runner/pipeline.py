@@ -1,0 +1,163 @@
+"""The ESA run: load -> score -> Top-K (+ controls) -> perturb -> perplexity -> outputs -> report.md.
+
+``run(cfg)`` is the whole job; the CLI only builds ``cfg``.  Nothing in here sees argparse.  The
+steps live in :mod:`esa.runner.seeds` (scoring and selection per seed),
+:mod:`esa.runner.perturbation` (conditions and statistics) and :mod:`esa.runner.records` (files).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from esa.analysis.stability import stability_summary
+from esa.config import RunConfig, default_run_dir
+from esa.data import load_data
+from esa.experiment.perturb import resolve_bit
+from esa.model import distributed, loading
+from esa.model.device import DeviceChoice, resolve_device
+from esa.model.targets import find_targets
+from esa.outdir.layout import prepare_out_dir
+from esa.outdir.manifest import Manifest
+from esa.reporting import plots, report_md, summary
+from esa.reporting.superweights import format_table, write_super_weights
+from esa.runner import records
+from esa.runner.context import RunContext
+from esa.runner.perturbation import baseline_perplexity, evaluate_conditions, evaluate_sweep, perturbation_results
+from esa.runner.seeds import SeedResult, check_sizes, score_seed
+from esa.superweights.ablation import detection_input, overlap_with_topk, run_super_weights
+from esa.superweights.detect import DEFAULT_PROMPT
+
+log = logging.getLogger("esa")
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run the whole job described by ``cfg``; returns ``{"out_dir", "perturbation"}``.
+
+    Under torchrun (see :mod:`esa.model.distributed`) every rank runs this; the ranks share scoring and
+    evaluation, and only rank 0 creates the out-dir, writes files and prints.
+    """
+    choice = resolve_device(cfg.device, cfg.device_explicit, cfg.dtype, cfg.dtype_explicit)
+    device = distributed.local_device(choice.device)
+    with distributed.process_group(device):
+        is_main = distributed.is_main()
+        out_dir = Path(cfg.out_dir) if cfg.out_dir else default_run_dir(cfg)
+        if is_main:
+            prepare_out_dir(out_dir)
+            for w in choice.warnings:
+                log.warning(w)
+        if cfg.stability_check and len(cfg.seeds) < 2:
+            log.warning("--stability-check needs at least two --seeds: no stability_summary.json is written")
+        try:
+            return _run(cfg, choice, device, out_dir, Manifest(out_dir, write=is_main), is_main)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def _load(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manifest: Manifest,
+          is_main: bool) -> RunContext:
+    """Model, targets and data, checked before any scoring (a bad k or bit fails in seconds)."""
+    with manifest.phase("load_model"):
+        log.info("loading model %s on %s in %s", cfg.model, device, choice.dtype)
+        if distributed.active():  # rank 0 converts the embedded model once; the others wait for it
+            if is_main:
+                loading.prepare_source(cfg.model)
+            distributed.barrier()
+        model, tok = loading.load_model(cfg.model, device, choice.dtype, cfg.device_map, cfg.offload)
+    targets = find_targets(model, cfg.include, cfg.exclude)
+    check_sizes(cfg, targets)
+    if cfg.perturb == "bit_flip":
+        resolve_bit(targets[0].param.dtype, cfg.bit_index)  # fail before hours of scoring
+    with manifest.phase("load_data"):
+        data = load_data(tok, cfg.data_file, cfg.dataset, cfg.max_length, cfg.eval_samples, cfg.max_samples,
+                         cfg.data_dir)
+    return RunContext(cfg, choice, model, tok, targets, data, out_dir, manifest, is_main)
+
+
+def _run(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manifest: Manifest, is_main: bool) -> dict:
+    with manifest.recording():
+        ctx = _load(cfg, choice, device, out_dir, manifest, is_main)
+        if is_main:
+            records.write_config(ctx)
+            manifest.add_file("config.json")
+        results = [score_seed(ctx, s, write_stats=(i == 0 and is_main)) for i, s in enumerate(cfg.seeds)]
+        stab = None
+        if cfg.stability_check and len(results) >= 2:
+            stab = stability_summary([r.top.indices for r in results], list(cfg.seeds), cfg.topk, cfg.metric,
+                                     cfg.mode)
+            log.info("Mean Jaccard overlap: %.3f", stab["jaccard_mean"])
+        rows = _write_selections(ctx, results, stab) if is_main else []
+        sw = None
+        if cfg.detect_super_weights:
+            with manifest.phase("super_weights"):
+                sw = super_weights(ctx, results)
+            if is_main:
+                for name in write_super_weights(sw, out_dir):
+                    manifest.add_file(name)
+        perturbation = None
+        if cfg.perturb:
+            base = baseline_perplexity(ctx)
+            blocks = [evaluate_conditions(ctx, r, base) for r in results]
+            sweeps = [evaluate_sweep(ctx, r, base, b) for r, b in zip(results, blocks)] if cfg.topk_sweep else None
+            bit = resolve_bit(ctx.targets[0].param.dtype, cfg.bit_index) if cfg.perturb == "bit_flip" else None
+            perturbation = perturbation_results(cfg, ctx.data, blocks, bit, sweeps)
+        if not is_main:
+            return {"out_dir": str(out_dir), "perturbation": perturbation}
+        return _write_results(ctx, rows, stab, perturbation, sw)
+
+
+def super_weights(ctx: RunContext, results: list[SeedResult]) -> dict:
+    """The data-free detector of :mod:`esa.superweights.detect` (on the prompt or the first calibration
+    windows), its ablation on the evaluation windows, and the candidates' ranks in each seed's Top-K."""
+    cfg, data = ctx.cfg, ctx.data
+    input_ids = detection_input(ctx.tokenizer, cfg.super_weight_prompt, data.calib_pool, cfg.detect_on_data)
+    settings = {"model": cfg.model, "detect_on": "data" if cfg.detect_on_data else "prompt",
+                "prompt": None if cfg.detect_on_data else cfg.super_weight_prompt or DEFAULT_PROMPT,
+                "data_source": data.data_source, "eval_windows": len(data.eval_windows), "max_length": cfg.max_length}
+    sw = run_super_weights(ctx.model, input_ids, data.eval_windows, threshold=cfg.super_weight_threshold,
+                           max_super_weights=cfg.max_super_weights, batch_size=cfg.batch_size, seed=cfg.seeds[0],
+                           tokenizer=ctx.tokenizer, settings=settings)
+    sw["topk_overlap"] = {"metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk, "per_seed": {
+        str(r.seed): overlap_with_topk(sw["candidates"], r.top.ranked(ctx.names)) for r in results}}
+    return sw
+
+
+def _write_selections(ctx: RunContext, results: list[SeedResult], stab: dict | None) -> list[list]:
+    """Rank 0, before any evaluation (so a crash there loses nothing): Top-K table and stability."""
+    rows = records.write_top_weights(ctx, results)
+    ctx.manifest.add_file("top_weights.csv")
+    ctx.manifest.data["calibration_windows"] = {str(r.seed): r.calibration_windows for r in results}
+    ctx.manifest.data["world_size"] = distributed.world_size()
+    if stab is not None:
+        records.write_json(ctx.out_dir / "stability_summary.json", stab)
+        ctx.manifest.add_file("stability_summary.json")
+    ctx.manifest.save()
+    return rows
+
+
+def _write_results(ctx: RunContext, rows: list[list], stab: dict | None, perturbation: dict | None,
+                   sw: dict | None) -> dict:
+    """Rank 0's remaining files: perturbation results, plots, report.md; then print the summary."""
+    cfg, out_dir, manifest = ctx.cfg, ctx.out_dir, ctx.manifest
+    if perturbation is not None:
+        records.write_json(out_dir / "perturbation_results.json", perturbation)
+        manifest.add_file("perturbation_results.json")
+    plot_paths: list[Path] = []
+    if cfg.save_plots:
+        with manifest.phase("plots"):
+            plot_paths = plots.make_plots(out_dir)
+            for path in plot_paths:
+                manifest.add_file(str(path.relative_to(out_dir)))
+    text = summary.console_summary(cfg.to_json(), perturbation, stab, rows[:5])
+    # report.md is always written (text, cheap; plot sections only with --save-plots), after the
+    # manifest says success so that the report quotes the final status; if it fails, the
+    # recording() block turns the manifest to failed
+    manifest.add_file("report.md")
+    manifest.finish("success")
+    report_md.write_report(out_dir)
+    print(text + (f"\n{format_table(sw)}" if sw is not None else ""), flush=True)
+    print(summary.files_footer(out_dir, plot_paths), flush=True)
+    return {"out_dir": str(out_dir), "perturbation": perturbation}

@@ -1,0 +1,121 @@
+"""One seed: draw its calibration windows, score, select the Top-K and controls, drop the scores.
+
+Only the selections (O(k)) and small summaries outlive a seed, so peak memory does not grow with
+the number of seeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from esa.analysis.stats import all_stats
+from esa.config import RunConfig
+from esa.experiment import controls, selection
+from esa.metrics import MetricContext, compute_scores
+from esa.model import distributed
+from esa.model.placement import checkpointed_blocks
+from esa.model.targets import Target
+from esa.outdir import atomic
+from esa.runner.context import RunContext
+from esa.runner.score_sample import write_score_sample
+from esa.seeding import numpy_rng
+
+log = logging.getLogger("esa")
+
+
+@dataclass
+class SeedResult:
+    """What one seed leaves behind: its selections and small summaries (never full scores)."""
+
+    seed: int
+    top: selection.Selection
+    controls: dict[str, selection.Selection]
+    calibration_windows: list[int]  # pool indices of the windows this seed scored on
+    sweep: dict[int, tuple[selection.Selection, dict[str, selection.Selection]]]  # --topk-sweep k != --topk
+
+
+def release_memory() -> None:
+    """Give freed score buffers back to the OS between seeds.
+
+    Without this, glibc keeps the freed heap of one seed's fp32 scores fragmented and the next
+    seed's allocations grow the peak RSS although the live memory is the same.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def score_seed(ctx: RunContext, seed: int, write_stats: bool) -> SeedResult:
+    """Score with this seed's calibration windows, select Top-K and controls (for --topk and every
+    --topk-sweep k), write the primary seed's statistics and score sample, drop the scores."""
+    cfg, model, targets, data, manifest, out_dir = ctx.cfg, ctx.model, ctx.targets, ctx.data, ctx.manifest, ctx.out_dir
+    chosen = data.calibration_indices(numpy_rng(seed, "calibration"), cfg.max_samples)
+    windows = data.calib_pool[torch.from_numpy(chosen)]
+    names = ctx.names
+    log.info("seed %d: scoring %d target tensors with %s on %d calibration windows", seed, len(targets),
+             cfg.metric, len(windows))
+    mctx = MetricContext(seed=seed, hutchinson_samples=cfg.hutchinson_samples,
+                         curvature_samples=cfg.curvature_samples)
+    with manifest.phase("scoring"), (checkpointed_blocks(model) if cfg.gradient_checkpointing
+                                      else contextlib.nullcontext()):
+        scores = compute_scores(cfg.metric, model, targets, windows, cfg.batch_size, mctx)
+    with manifest.phase("selection"):
+        chosen_k = select_all(cfg, scores, names, seed)
+        top, controls = chosen_k[cfg.topk]
+        sweep = {k: v for k, v in chosen_k.items() if k != cfg.topk}
+        if distributed.active():  # the payload is O(k) Python objects: only built when there are ranks
+            distributed.check_same(f"the selections of seed {seed}", repr(
+                [(k, top_k.ranked(names), {c: s.ranked(names) for c, s in ctl.items()})
+                 for k, (top_k, ctl) in sorted(chosen_k.items())]).encode())
+    if write_stats:
+        with manifest.phase("stats"):
+            stats = all_stats(scores, {t.name: t.shape for t in targets})
+            for name, extra in mctx.extra_stats.items():
+                stats[name].update(extra)
+            write_score_sample(out_dir / "score_distribution.npz", scores, names, top, numpy_rng(seed, "score_sample"),
+                               {"metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk, "seed": seed})
+        atomic.write_json(out_dir / "sensitivity_stats.json", {"metric": cfg.metric, "seed": seed, "tensors": stats})
+        manifest.add_file("sensitivity_stats.json")
+        manifest.add_file("score_distribution.npz")
+    del scores  # only the selections outlive this function: memory stays flat in the number of seeds
+    release_memory()
+    return SeedResult(seed, top, controls, chosen.tolist(), sweep)
+
+
+def select_all(cfg: RunConfig, scores: dict[str, torch.Tensor], names: list[str], seed: int
+               ) -> dict[int, tuple[selection.Selection, dict[str, selection.Selection]]]:
+    """Top-K and each control for --topk and every --topk-sweep k, from one pass at the largest k.
+
+    Top-K and bottom_k of a smaller k are prefixes of the largest k's (nested under the total
+    order), so the scores are ranked once; random_k is drawn per k, from the stream ``random_k`` for
+    --topk (as without a sweep) and ``random_k:k<k>`` for the others, disjoint from that k's Top-K.
+    """
+    ks = sorted({cfg.topk, *cfg.topk_sweep})
+    need = 2 if "random_k" in cfg.controls else 1  # random_k is drawn disjoint from the Top-K: room for 2k
+    top_max = selection.top_k(scores, names, ks[-1], cfg.mode, need=need)
+    nested = {c: controls.control(c, scores, names, ks[-1], cfg.mode, top_max, None)  # deterministic: no rng
+              for c in cfg.controls if controls.CONTROLS[c].nested}
+    out = {}
+    for k in ks:
+        top = top_max.prefix(k, cfg.mode, names)
+        rng = numpy_rng(seed, "random_k" if k == cfg.topk else f"random_k:k{k}")
+        out[k] = (top, {c: nested[c].prefix(k, cfg.mode, names) if c in nested
+                        else controls.control(c, scores, names, k, cfg.mode, top, rng) for c in cfg.controls})
+    return out
+
+
+def check_sizes(cfg: RunConfig, targets: list[Target]) -> None:
+    """Fail before scoring when --topk or a --topk-sweep k does not fit the weight count."""
+    sizes = {t.name: t.numel for t in targets}
+    need = 2 if "random_k" in cfg.controls else 1
+    selection.check_k(cfg.mode, cfg.topk, sizes, need)
+    for k in cfg.topk_sweep:
+        selection.check_k(cfg.mode, k, sizes, need, flag="--topk-sweep")

@@ -1,0 +1,48 @@
+"""``scripts/find_super_weights.py``'s job: load, detect, ablate, write the files, print the table
+(the flags: :mod:`esa.cli.superweights`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from esa.data import load_data
+from esa.model.introspect import model_record
+from esa.model.session import start_tool
+from esa.outdir.provenance import git_sha, versions
+from esa.reporting.superweights import format_table, write_super_weights
+from esa.superweights.ablation import detection_input, run_super_weights
+from esa.superweights.config import DETECT_WINDOWS, SuperWeightConfig
+
+log = logging.getLogger("esa")
+
+
+def run(cfg: SuperWeightConfig, out_dir: str | Path) -> int:
+    """Load the model and data, detect, ablate, write the files and print the table; the exit code."""
+    out_dir, choice, manifest, model, tok = start_tool(Path(out_dir), cfg.model, cfg.device, cfg.device_explicit,
+                                                       cfg.dtype, cfg.dtype_explicit)
+    with manifest.recording():
+        with manifest.phase("load_data"):
+            data = load_data(tok, cfg.data_file, None, cfg.max_length, cfg.eval_samples,
+                             DETECT_WINDOWS if cfg.detect_on_data else 0)
+        input_ids = detection_input(tok, cfg.prompt, data.calib_pool, cfg.detect_on_data)
+        settings = {"model": cfg.model, "model_description": model_record(model),
+                    "detect_on": "data" if cfg.detect_on_data else "prompt",
+                    "prompt": None if cfg.detect_on_data else cfg.prompt, "data_source": data.data_source,
+                    "bos_policy": data.bos_policy, "eval_samples": cfg.eval_samples, "max_length": cfg.max_length,
+                    "device": choice.device, "dtype": choice.dtype, "config": dataclasses.asdict(cfg),
+                    "command": sys.argv, "versions": versions(), "git_sha": git_sha()}
+        with manifest.phase("detect_and_ablate"):
+            log.info("detecting on %d sequence(s) of %d tokens; ablation on %d windows", input_ids.shape[0],
+                     input_ids.shape[1], len(data.eval_windows))
+            results = run_super_weights(model, input_ids, data.eval_windows, threshold=cfg.threshold,
+                                        max_super_weights=cfg.max_super_weights, batch_size=cfg.batch_size,
+                                        seed=cfg.seed, tokenizer=tok, settings=settings)
+        for name in write_super_weights(results, out_dir):
+            manifest.add_file(name)
+        print(format_table(results), flush=True)
+        print(f"files: {out_dir}", flush=True)
+        manifest.finish("success")
+    return 0
