@@ -21,6 +21,7 @@ from esa.experiment.perturb import PERTURBATIONS
 from esa.metrics import METRICS
 from esa.model import distributed
 from esa.model.device import DEVICES, DTYPES, EMBEDDED_MODEL, ModelSpec
+from esa.model.targets import SCOPES
 from esa.naming import compile_patterns
 from esa.outdir.layout import default_out_dir, model_slug
 
@@ -111,6 +112,7 @@ class RunConfig(ModelSpec):
     batch_size: int = 4
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    targets: str = "matrices"  # "matrices": every float parameter with ndim >= 2; "all": norms and biases too
     out_dir: str | None = None
     save_plots: bool = False
     detect_super_weights: bool = False  # also run the data-free super-weight detector (esa.superweights.detect)
@@ -187,6 +189,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise UsageError("--super-weight-prompt is empty")
     elif cfg.detect_on_data or cfg.super_weight_prompt is not None:
         raise UsageError("--detect-on-data and --super-weight-prompt need --detect-super-weights")
+    if cfg.targets not in SCOPES:
+        raise UsageError(f"--targets must be one of {', '.join(SCOPES)}, got {cfg.targets!r}")
     compile_patterns(cfg.include, "--include")
     compile_patterns(cfg.exclude, "--exclude")
     return cfg

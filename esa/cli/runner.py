@@ -75,6 +75,10 @@ def build_parser() -> Parser:
                    help="Rademacher probes for hutchinson_diag (one Hessian-vector product each)")
     g.add_argument("--curvature-samples", type=int, default=1,
                    help="Monte-Carlo label draws per calibration window for hessian_diag")
+    g.add_argument("--targets", choices=("matrices", "all"), default="matrices",
+                   help="which weights are scored: matrices = every floating-point parameter with 2 or more "
+                        "dimensions (Linear, Conv1D, embeddings, fused MoE experts, routers, ...); all = also the "
+                        "1-D norm scales and biases")
     g.add_argument("--include", action="append", default=[], metavar="REGEX",
                    help="only parameters whose name matches (repeatable)")
     g.add_argument("--exclude", action="append", default=[], metavar="REGEX",
@@ -132,7 +136,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         stability_check=ns.stability_check, data_file=ns.data_file, data_dir=ns.data_dir,
         dataset=canonical(ns.dataset, DATASETS, DATASET_ALIASES, "--dataset") if ns.dataset else None,
         max_samples=ns.max_samples, eval_samples=ns.eval_samples, max_length=ns.max_length,
-        batch_size=ns.batch_size, include=tuple(ns.include), exclude=tuple(ns.exclude),
+        batch_size=ns.batch_size, include=tuple(ns.include), exclude=tuple(ns.exclude), targets=ns.targets,
         out_dir=ns.out_dir, save_plots=ns.save_plots, detect_super_weights=ns.detect_super_weights,
         super_weight_threshold=ns.super_weight_threshold, max_super_weights=ns.max_super_weights,
         super_weight_prompt=ns.super_weight_prompt, detect_on_data=ns.detect_on_data, dry_run=ns.dry_run,

@@ -1,7 +1,9 @@
 """``act_mag`` (Wanda, Sun et al. 2023): ``|w_ij| * ||x_j||_2``, forward passes only.
 
 ``||x_j||_2`` is taken over all calibration tokens of the input feature j of the module that reads
-the weight (its input axis: see :mod:`esa.model.targets`).  For an embedding the input is the
+the weight (its input axis: see :mod:`esa.model.targets`).  For a fused mixture-of-experts tensor
+the norm is per expert, over the tokens routed to that expert (:mod:`esa.model.weight_inputs`);
+an expert no calibration token reached scores 0.  For an embedding the input is the
 one-hot token vector, so ``||x_v||_2 = sqrt(count of token v)``.  A tied weight sums the score of
 each of its uses.  Scores are not comparable across layers: ``||x||`` grows with depth.
 """
@@ -9,20 +11,40 @@ each of its uses.  Scores are not comparable across layers: ``||x||`` grows with
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from esa.metrics.registry import Scores, metric
 from esa.model import distributed
 from esa.model.forward import batches
 from esa.model.introspect import input_device
+from esa.model.targets import Target, Use
+from esa.model.weight_inputs import UnobservedWeightError, broadcast_to_weight, watching
+
+
+def _hooked(use: Use) -> bool:
+    """Whether a forward hook on the module sees the weight's input: a Linear or Conv1D, or an
+    Embedding with the stock forward (a subclass such as OPT's learned positions is called with the
+    attention mask, not the ids: its lookups are observed at ``F.embedding`` instead)."""
+    if use.kind == "embedding":
+        return type(use.module).forward is nn.Embedding.forward
+    return use.kind in ("linear", "conv1d")
+
+
+def can_score(t: Target) -> str | None:
+    """Why act_mag cannot score ``t`` (it has no input-feature axis: a norm scale or bias), or None."""
+    return None if t.axis("in") is not None else "act_mag needs an input-feature axis (1-D norm scale or bias)"
 
 
 @metric("act_mag", aliases=("activation_magnitude", "act_magnitude", "wanda"), needs=("forward",),
-        help="|w_ij| * ||x_j||_2 (Wanda)", unit="|w|·‖x‖₂ (weight × activation units; Wanda)")
+        help="|w_ij| * ||x_j||_2 (Wanda)", unit="|w|·‖x‖₂ (weight × activation units; Wanda)", can_score=can_score)
 def act_mag(model, targets, windows, batch_size, ctx) -> Scores:
-    # One fp32 vector per use: sum over tokens of x_j^2 (or token counts for embeddings).
+    # One fp32 vector per hooked use: sum over tokens of x_j^2 (or token counts for embeddings);
+    # the other reads (fused experts per expert, routers, embedding subclasses) are observed by
+    # WeightInputs, one [expert, in] or [in] sum per target.
     sumsq: dict[tuple[str, int], torch.Tensor] = {}
     handles = []
     batch_shape: list[torch.Size] = []  # shape of the input_ids of the forward in progress
+    watched = [t for t in targets if any(not _hooked(u) for u in t.uses)]
 
     def make_hook(key: tuple[str, int], kind: str, size: int):
         def hook(module, inputs, output) -> None:
@@ -40,29 +62,40 @@ def act_mag(model, targets, windows, batch_size, ctx) -> Scores:
     try:
         for t in targets:
             for i, use in enumerate(t.uses):
-                key = (t.name, i)
-                sumsq[key] = torch.zeros(t.shape[use.in_axis], dtype=torch.float32, device=t.param.device)
-                handles.append(use.module.register_forward_hook(make_hook(key, use.kind, t.shape[use.in_axis])))
-        with torch.no_grad():
+                if _hooked(use):
+                    key = (t.name, i)
+                    sumsq[key] = torch.zeros(t.shape[use.in_axis], dtype=torch.float32, device=t.param.device)
+                    handles.append(use.module.register_forward_hook(make_hook(key, use.kind, t.shape[use.in_axis])))
+        unhooked = [u.module for t in watched for u in t.uses if not _hooked(u)]
+        with torch.no_grad(), watching(model, watched, unhooked) as seen:
             for batch in batches(windows, batch_size, input_device(model), "act_mag"):
                 batch_shape.append(batch.shape)
+                seen.batch_shape = batch.shape
                 model(input_ids=batch, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    distributed.all_reduce_sum(sumsq.values())
+    watched_names = {t.name for t in watched}
+    missing = [n for n in watched_names if n not in seen.observed]
+    if missing:
+        raise UnobservedWeightError(f"act_mag saw no F.linear/matmul/F.embedding read of {', '.join(missing)}; "
+                                    "its input features are unknown (exclude it with --exclude)")
+    distributed.all_reduce_sum([*sumsq.values(), *seen.sums.values()])
     out: Scores = {}
     for t in targets:
+        # a hooked use broadcasts along its own input axis (a tied embedding reads rows, lm_head columns)
+        norms = [sumsq[(t.name, i)][None, :] if u.in_axis == 1 else sumsq[(t.name, i)][:, None]
+                 for i, u in enumerate(t.uses) if _hooked(u)]
+        if t.name in watched_names:
+            norms.append(broadcast_to_weight(t, seen.sums[t.name]))
         w = t.param.detach().float().abs()  # a fresh fp32 buffer (abs copies): it becomes the score
-        norms = [sumsq[(t.name, i)].sqrt_() for i in range(len(t.uses))]
-        axes = [use.in_axis for use in t.uses]
-        bcast = [n[None, :] if a == 1 else n[:, None] for n, a in zip(norms, axes)]
-        if len(bcast) == 1:
-            out[t.name] = w.mul_(bcast[0])
+        norms = [n.sqrt_() for n in norms]
+        if len(norms) == 1:
+            out[t.name] = w.mul_(norms[0])
         else:  # tied: |w| * sum of the uses' norms (each broadcast along its own input axis)
-            out[t.name] = w * bcast[0]
-            for b in bcast[1:]:
-                out[t.name].addcmul_(w, b)
+            out[t.name] = w * norms[0]
+            for n in norms[1:]:
+                out[t.name].addcmul_(w, n)
     return out
 
 

@@ -37,26 +37,16 @@ from esa.metrics.gradient import grad_accumulators
 from esa.metrics.registry import MetricContext, Scores, metric
 from esa.model import distributed
 from esa.model.forward import batches, nll_sum
-from esa.model.introspect import input_device
+from esa.model.introspect import input_device, using_implementation
 from esa.seeding import torch_generator
 
 if TYPE_CHECKING:
     from esa.model.targets import Target
 
 
-@contextlib.contextmanager
-def eager_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Run with eager attention (double-backward-safe) and restore the previous implementation."""
-    setter = getattr(model, "set_attn_implementation", None)
-    previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if setter is None or previous in (None, "eager"):
-        yield
-        return
-    setter("eager")
-    try:
-        yield
-    finally:
-        setter(previous)
+def eager_attention(model: torch.nn.Module):
+    """Run with eager attention (double-backward-safe) inside the block; restored on exit."""
+    return using_implementation(model, "attn", "eager")
 
 
 @contextlib.contextmanager

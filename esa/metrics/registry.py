@@ -53,7 +53,9 @@ class Metric:
     ``help``: one-line definition (``--help``, README); ``unit``: what a score measures (plot axes,
     recorded in config.json so the report needs no import of this package); ``needs``: a subset of
     :data:`NEEDS` (``backward``: gradient checkpointing applies; ``per_window``: one backward per
-    window; ``hvp``: Hessian-vector products); ``aliases``: other spellings users type.
+    window; ``hvp``: Hessian-vector products); ``aliases``: other spellings users type; ``can_score``:
+    why a target cannot be scored (such targets are excluded with a warning and listed in the
+    coverage record); absent, every target can.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Metric:
     unit: str
     needs: frozenset[str]
     aliases: tuple[str, ...] = ()
+    can_score: Callable[[Target], str | None] | None = None  # why a target cannot be scored, or None
 
     def record(self) -> dict:
         """The JSON-ready description written to config.json."""
@@ -71,15 +74,15 @@ class Metric:
 METRICS: Registry[Metric] = Registry("metric")
 
 
-def metric(name: str, *, help: str, unit: str, needs: tuple[str, ...], aliases: tuple[str, ...] = ()
-           ) -> Callable[[MetricFn], MetricFn]:
+def metric(name: str, *, help: str, unit: str, needs: tuple[str, ...], aliases: tuple[str, ...] = (),
+           can_score: Callable[[Target], str | None] | None = None) -> Callable[[MetricFn], MetricFn]:
     """Register the decorated function as metric ``name`` (a duplicate name is an error)."""
     unknown = set(needs) - set(NEEDS)
     if unknown:
         raise ValueError(f"metric {name!r}: unknown needs {sorted(unknown)}; choose from {', '.join(NEEDS)}")
 
     def deco(fn: MetricFn) -> MetricFn:
-        METRICS.add(name, Metric(name, fn, help, unit, frozenset(needs), aliases), aliases)
+        METRICS.add(name, Metric(name, fn, help, unit, frozenset(needs), aliases, can_score), aliases)
         return fn
     return deco
 

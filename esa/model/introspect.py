@@ -3,6 +3,9 @@ eval mode, and what it is (for the records).  Torch only: no transformers import
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -31,3 +34,20 @@ def assert_eval(model: torch.nn.Module) -> None:
     training = [n for n, m in model.named_modules() if m.training]
     if training:
         raise RuntimeError(f"model must be in eval mode; modules in training mode: {training[:3]}")
+
+
+@contextlib.contextmanager
+def using_implementation(model: torch.nn.Module, kind: str, wanted: str) -> Iterator[None]:
+    """Run the model with transformers' ``kind`` implementation ("attn" or "experts") set to ``wanted``
+    (e.g. "eager") inside the block, and restore the previous one; a no-op when the model has no
+    such switch or already uses ``wanted``."""
+    setter = getattr(model, f"set_{kind}_implementation", None)
+    previous = getattr(getattr(model, "config", None), f"_{kind}_implementation", None)
+    if setter is None or previous in (None, wanted):
+        yield
+        return
+    setter(wanted)
+    try:
+        yield
+    finally:
+        setter(previous)

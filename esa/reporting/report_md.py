@@ -104,7 +104,8 @@ def super_weights_section(sw: dict | None) -> list[str]:
               "|---|---|---|---|---|---|"]
     for i, (c, ev) in enumerate(zip(cands, each)):
         ranks = ", ".join(f"{seed}: {rows[i]['rank'] or '-'}" for seed, rows in per_seed.items()) or "-"
-        lines.append(f"| {i + 1} | `{c['param']}`[{c['row']}, {c['col']}] | {c['weight']:.4g} | "
+        where = f"{c['expert']}, {c['row']}, {c['col']}" if c.get("expert") is not None else f"{c['row']}, {c['col']}"
+        lines.append(f"| {i + 1} | `{c['param']}`[{where}] | {c['weight']:.4g} | "
                      f"{c['output_ratio']:.0f}x | {ratio_text(ev['ratio']) if ev else '-'} | {ranks} |")
     if abl.get("all"):
         lines += ["", f"All {len(cands)} zeroed: perplexity {ratio_text(abl['all']['ratio'])}; as many random weights "

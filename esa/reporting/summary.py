@@ -112,7 +112,8 @@ def markdown_sweep(pert: dict) -> list[str]:
     return [] if table is None else ["", _sweep_caption(pert), "", *markdown(table)]
 
 
-def console_summary(config: dict, pert: dict | None, stab: dict | None, top_rows: list[list]) -> str:
+def console_summary(config: dict, pert: dict | None, stab: dict | None, top_rows: list[list],
+                    coverage: dict | None = None) -> str:
     """The end-of-run text: the same tables as report.md, then the top weights of the primary seed.
 
     ``config``: the run's resolved configuration (``RunConfig.to_json()``); ``top_rows``: rows of
@@ -121,6 +122,10 @@ def console_summary(config: dict, pert: dict | None, stab: dict | None, top_rows
     c = config
     lines = [f"ESA summary  model={c['model']}  metric={c['metric']}  mode={c['mode']}  k={c['topk']}  "
              f"seeds={','.join(map(str, c['seeds']))}  perturb={c['perturb'] or 'none'}"]
+    if coverage:
+        lines.append(f"scored {coverage['scored_weights']:,} of the model's {coverage['matrix_weights']:,} matrix "
+                     f"weights ({100 * coverage['scored_share_of_matrix_weights']:.1f} %); not scored: "
+                     f"{len(coverage['excluded'])} tensor(s), listed in config.json")
     if pert is not None:
         lines += [_caption(pert), *text(condition_table(pert)), *_no_op_notes(pert)]
         sweep = sweep_rows(pert)

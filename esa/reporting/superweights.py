@@ -37,7 +37,8 @@ def format_table(results: Mapping) -> str:
         lines += [head, "-" * len(head)]
         for i, c in enumerate(cands):
             ev = each[i] if i < len(each) else {}
-            lines.append(f"{i + 1:>2} {str(c['layer']):>5} {c['param'][-40:]:<40} {c['row']:>6} {c['col']:>6} "
+            param = c["param"] + (f"[expert {c['expert']}]" if c.get("expert") is not None else "")
+            lines.append(f"{i + 1:>2} {str(c['layer']):>5} {param[-40:]:<40} {c['row']:>6} {c['col']:>6} "
                          f"{c['weight']:>9.4g} {abs(num(c['input_activation'])):>9.4g} "
                          f"{abs(num(c['output_activation'])):>9.4g} {sci(c['output_ratio']) + 'x':>8} "
                          f"{c['position']:>4} {sci(ev.get('ppl')) if ev else '-':>11} "

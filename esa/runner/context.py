@@ -31,6 +31,7 @@ class RunContext:
     out_dir: Path
     manifest: Manifest
     is_main: bool
+    coverage: dict = field(default_factory=dict)  # esa.model.targets.coverage of the run
     names: list[str] = field(init=False)
     by_name: dict[str, Target] = field(init=False)
 

@@ -15,10 +15,12 @@ import torch
 from esa.analysis.stability import stability_summary
 from esa.config import RunConfig, default_run_dir
 from esa.data import load_data
+from esa.errors import UsageError
 from esa.experiment.perturb import resolve_bit
+from esa.metrics import METRICS
 from esa.model import distributed, loading
 from esa.model.device import DeviceChoice, resolve_device
-from esa.model.targets import find_targets
+from esa.model.targets import Target, coverage, find_targets
 from esa.outdir.layout import prepare_out_dir
 from esa.outdir.manifest import Manifest
 from esa.reporting import plots, report_md, summary
@@ -67,14 +69,44 @@ def _load(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, mani
                 loading.prepare_source(cfg.model)
             distributed.barrier()
         model, tok = loading.load_model(cfg.model, device, choice.dtype, cfg.device_map, cfg.offload)
-    targets = find_targets(model, cfg.include, cfg.exclude)
+    targets, excluded = scorable_targets(cfg, model)
     check_sizes(cfg, targets)
     if cfg.perturb == "bit_flip":
         resolve_bit(targets[0].param.dtype, cfg.bit_index)  # fail before hours of scoring
     with manifest.phase("load_data"):
         data = load_data(tok, cfg.data_file, cfg.dataset, cfg.max_length, cfg.eval_samples, cfg.max_samples,
                          cfg.data_dir)
-    return RunContext(cfg, choice, model, tok, targets, data, out_dir, manifest, is_main)
+    ctx = RunContext(cfg, choice, model, tok, targets, data, out_dir, manifest, is_main)
+    ctx.coverage = coverage(model, targets, excluded)
+    if is_main:
+        warn_partial_coverage(cfg, ctx.coverage)
+    return ctx
+
+
+def warn_partial_coverage(cfg: RunConfig, cov: dict) -> bool:
+    """Warn (naming the largest missing tensors) when the run scores less than every matrix weight
+    although the user filtered nothing; returns whether it warned."""
+    if cov["scored_share_of_matrix_weights"] >= 1.0 or cfg.include or cfg.exclude:
+        return False
+    missing = sorted(((n, e["numel"]) for n, e in cov["excluded"].items()), key=lambda x: -x[1])
+    log.warning("scoring %.1f %% of the model's matrix weights; the largest tensors not scored: %s",
+                100 * cov["scored_share_of_matrix_weights"], ", ".join(f"{n} ({c:,})" for n, c in missing[:5]))
+    return True
+
+
+def scorable_targets(cfg: RunConfig, model) -> tuple[list[Target], dict[str, str]]:
+    """The targets of ``--targets``/``--include``/``--exclude`` that the metric can score, and the
+    ones it cannot (name -> reason, warned about and recorded, never dropped silently)."""
+    found = find_targets(model, cfg.include, cfg.exclude, cfg.targets)
+    can = METRICS[cfg.metric].can_score or (lambda t: None)
+    excluded = {t.name: f"{cfg.metric}: {why}" for t in found if (why := can(t)) is not None}
+    if excluded:
+        log.warning("%s cannot score %d tensor(s), excluded: %s", cfg.metric, len(excluded),
+                    ", ".join(list(excluded)[:5]) + (" ..." if len(excluded) > 5 else ""))
+    targets = [t for t in found if t.name not in excluded]
+    if not targets:
+        raise UsageError(f"{cfg.metric} can score none of the selected weights ({next(iter(excluded.values()))})")
+    return targets, excluded
 
 
 def _run(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manifest: Manifest, is_main: bool) -> dict:
@@ -151,7 +183,7 @@ def _write_results(ctx: RunContext, rows: list[list], stab: dict | None, perturb
             plot_paths = plots.make_plots(out_dir)
             for path in plot_paths:
                 manifest.add_file(str(path.relative_to(out_dir)))
-    text = summary.console_summary(cfg.to_json(), perturbation, stab, rows[:5])
+    text = summary.console_summary(cfg.to_json(), perturbation, stab, rows[:5], ctx.coverage)
     # report.md is always written (text, cheap; plot sections only with --save-plots), after the
     # manifest says success so that the report quotes the final status; if it fails, the
     # recording() block turns the manifest to failed

@@ -17,7 +17,7 @@ from esa.outdir.provenance import git_sha, versions
 from esa.runner.context import RunContext
 from esa.runner.seeds import SeedResult
 
-TOP_WEIGHTS_COLUMNS = ["rank", "parameter", "index", "coords", "score", "seed", "tensor_rank"]
+TOP_WEIGHTS_COLUMNS = ["rank", "parameter", "index", "coords", "score", "seed", "tensor_rank", "expert", "row", "col"]
 __all__ = ["git_sha", "versions", "write_config", "write_json", "write_top_weights"]
 
 
@@ -44,7 +44,9 @@ def write_config(ctx: RunContext) -> None:
         "model": model_record(model),
         "metric_info": METRICS[cfg.metric].record(),
         "targets": {"count": len(targets), "weights": sum(t.numel for t in targets),
-                    "tied": {t.name: list(t.aliases) for t in targets if len(t.aliases) > 1}},
+                    "tied": {t.name: list(t.aliases) for t in targets if len(t.aliases) > 1},
+                    "layouts": {t.name: list(t.layout) for t in targets if t.layout not in (("out", "in"),)}},
+        "coverage": ctx.coverage,
         "data": {"data_source": data.data_source, "eval_windows": len(data.eval_windows),
                  "calibration_pool_windows": len(data.calib_pool), "window_tokens": cfg.max_length,
                  "bos_policy": data.bos_policy},
@@ -58,14 +60,18 @@ def write_top_weights(ctx: RunContext, results: list[SeedResult]) -> list[list]:
     """``top_weights.csv``, every seed in order: ``rank`` (position in the seed's whole Top-K, across
     all tensors, also under per_layer), parameter, flat index, coordinates, score, seed, and
     ``tensor_rank`` (position among the seed's Top-K weights of the same tensor: under per_layer the
-    rank that selected it)."""
+    rank that selected it), then ``expert`` (empty unless the tensor is a fused mixture of experts),
+    ``row`` and ``col`` in the module's own convention: row = output feature, col = input feature
+    (the token id for an embedding), whatever the storage order (``coords``)."""
     shapes = {t.name: t.shape for t in ctx.targets}
+    roles = {t.name: [t.axis(r) for r in ("expert", "out", "in")] for t in ctx.targets}
     rows = []
     for res in results:
         in_tensor: dict[str, int] = {}
         for rank, (name, idx, score) in enumerate(res.top.ranked(ctx.names), start=1):
-            coords = ",".join(str(int(c)) for c in np.unravel_index(idx, shapes[name]))
+            at = [int(c) for c in np.unravel_index(idx, shapes[name])]
             in_tensor[name] = in_tensor.get(name, 0) + 1
-            rows.append([rank, name, idx, coords, f"{score:.9g}", res.seed, in_tensor[name]])
+            named = ["" if a is None else at[a] for a in roles[name]]
+            rows.append([rank, name, idx, ",".join(map(str, at)), f"{score:.9g}", res.seed, in_tensor[name], *named])
     write_csv(ctx.out_dir / "top_weights.csv", TOP_WEIGHTS_COLUMNS, rows)
     return rows

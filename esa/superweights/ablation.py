@@ -46,7 +46,7 @@ def random_control(projections: Sequence[Projection], candidates: Sequence[Candi
     """As many random weights as candidates, each from its candidate's matrix, disjoint from every
     candidate and from each other; stream ``superweights:random`` of ``seed``."""
     rng = numpy_rng(seed, "superweights:random")
-    numel = {p.param_name: p.weight.numel() for p in projections}
+    numel = {p.param_name: p.param.numel() for p in projections}
     taken = {c.key for c in candidates}
     out = []
     for c in candidates:
@@ -145,6 +145,7 @@ def overlap_with_topk(candidates: Iterable[Candidate | Mapping], top_rows: Itera
     for c in candidates:
         d = asdict(c) if isinstance(c, Candidate) else dict(c)
         key = (d["param"], int(d["flat_index"]))
-        out.append({"param": key[0], "layer": d.get("layer"), "row": d.get("row"), "col": d.get("col"),
+        out.append({"param": key[0], "layer": d.get("layer"), "expert": d.get("expert"), "row": d.get("row"),
+                    "col": d.get("col"),
                     "flat_index": key[1], "in_topk": key in rank, "rank": rank.get(key)})
     return out

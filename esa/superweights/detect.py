@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import statistics
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -42,8 +41,9 @@ from esa.errors import UsageError
 from esa.experiment.perturb import perturbed
 from esa.experiment.selection import Selection
 from esa.model.introspect import assert_eval, input_device
-from esa.model.targets import Target, conv1d_class
-from esa.naming import layer_index
+from esa.model.targets import Target
+from esa.model.weight_inputs import eager_experts
+from esa.superweights.projections import LayerStat, Projection, find_mlp_output_projections, recording
 
 log = logging.getLogger("esa")
 
@@ -51,157 +51,10 @@ DEFAULT_THRESHOLD = 50.0
 DEFAULT_MAX_SUPER_WEIGHTS = 8
 DETECT_WINDOWS = 4  # detection on data: the first calibration windows (max over all of them)
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Paris is the capital and largest city of France."
-OUT_NAMES = frozenset({"down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2", "wo", "fc_out", "out_proj", "proj_out"})
-# a module-path component that marks an MLP / feed-forward container (matched lower-case, whole component)
-MLP_PARENT_RE = re.compile(r"^(.*mlp.*|.*ffn.*|.*feed_?forward.*|ff|ffw|.*moe.*|experts?|densereludense)$")
-ATTN_RE = re.compile(r"attn|attention")
 SPIKE_RULE = ("a projection spikes when its max |output| over batch and positions is >= threshold x the median "
               "over all MLP output projections of that max; per pass the earliest new spike becomes a candidate "
               "(row/out-channel = spike channel, col/in-channel = largest |w*x| contributor at the spike token), "
               "then all candidates are zeroed and the pass repeated until no new spike or max_super_weights")
-
-
-@dataclass(frozen=True)
-class Projection:
-    """An MLP output projection: ``kind`` "linear" (weight ``[out, in]``) or "conv1d" (``[in, out]``)."""
-
-    module_name: str
-    param_name: str  # canonical name in model.named_parameters() (the name Top-K selections use)
-    module: nn.Module
-    layer: int | None
-    kind: str
-    in_features: int
-    out_features: int
-    rule: str  # "name" or "structure" (see find_mlp_output_projections)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.module.weight
-
-    def weight_index(self, out_channel: int, in_channel: int) -> tuple[int, int]:
-        """(row, col) of the weight element mapping ``in_channel`` to ``out_channel`` in the tensor's own layout."""
-        return (out_channel, in_channel) if self.kind == "linear" else (in_channel, out_channel)
-
-    def describe(self) -> dict:
-        return {"module": self.module_name, "param": self.param_name, "layer": self.layer, "kind": self.kind,
-                "in_features": self.in_features, "out_features": self.out_features, "rule": self.rule,
-                "shape": list(self.weight.shape)}
-
-
-def _hidden_size(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        if isinstance(getattr(cfg, attr, None), int):
-            return getattr(cfg, attr)
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return getattr(emb, "embedding_dim", None)
-
-
-def _features(module: nn.Module) -> tuple[str, int, int] | None:
-    """(kind, in_features, out_features) of a Linear or HF Conv1D, else None."""
-    if isinstance(module, nn.Linear):
-        return "linear", module.in_features, module.out_features
-    if isinstance(module, conv1d_class()):
-        return "conv1d", module.weight.shape[0], module.weight.shape[1]
-    return None
-
-
-def find_mlp_output_projections(model: nn.Module) -> list[Projection]:
-    """Every MLP output projection of ``model``, in module (forward) order.
-
-    Rule 1 (by name): an ``nn.Linear`` or HF ``Conv1D`` whose last name component is in
-    :data:`OUT_NAMES` (down_proj, fc2, c_proj, dense_4h_to_h, w2, wo, fc_out, ...) and one of whose
-    ancestor components looks like an MLP container (:data:`MLP_PARENT_RE`: mlp, ffn, feed_forward,
-    ff, moe, experts, ...) and none like attention.  So GPT-2's ``transformer.h.N.mlp.c_proj`` is
-    found and ``transformer.h.N.attn.c_proj`` is not.
-    Rule 2 (by structure, used only when rule 1 finds nothing, e.g. OPT's ``layers.N.fc2`` without an
-    MLP container): inside a numbered block (:func:`esa.naming.layer_index`), outside attention, the
-    projection maps ``in_features > hidden_size`` to ``out_features == hidden_size``.
-    """
-    canonical = {id(p): n for n, p in model.named_parameters()}
-    hidden = _hidden_size(model)
-    by_name: list[Projection] = []
-    by_shape: list[Projection] = []
-    for name, module in model.named_modules():
-        feats = _features(module)
-        if feats is None or not isinstance(getattr(module, "weight", None), nn.Parameter):
-            continue
-        parts = name.lower().split(".")
-        ancestors = parts[:-1]
-        if any(ATTN_RE.search(p) for p in ancestors):
-            continue
-        kind, n_in, n_out = feats
-        proj = dict(module_name=name, param_name=canonical[id(module.weight)], module=module,
-                    layer=layer_index(name), kind=kind, in_features=n_in, out_features=n_out)
-        if parts[-1] in OUT_NAMES and any(MLP_PARENT_RE.match(p) for p in ancestors):
-            by_name.append(Projection(**proj, rule="name"))
-        elif proj["layer"] is not None and hidden is not None and n_out == hidden and n_in > hidden:
-            by_shape.append(Projection(**proj, rule="structure"))
-    return by_name or by_shape
-
-
-@dataclass
-class LayerStat:
-    """One projection in one forward pass: activation maxima in fp32 and where they occur.
-
-    ``*_row`` is the flattened index over the leading (batch, position) dims; the spike's
-    ``contributor`` is the input channel with the largest ``|w * x|`` at the output-max token.
-    """
-
-    module: str
-    layer: int | None
-    in_max: float = -1.0
-    in_channel: int = -1
-    in_row: int = -1
-    out_max: float = -1.0
-    out_channel: int = -1
-    out_row: int = -1
-    out_value: float = 0.0  # signed output at the max
-    contributor: int = -1
-    contribution: float = 0.0  # signed w * x of the contributor
-    contributor_input: float = 0.0  # signed x of the contributor at the spike token
-    seq_len: int = 0  # positions per sequence (rows -> batch, position), 0 if the input is 2-D
-
-    def record(self, proj: Projection, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Fold one call of the projection (``x`` ``[..., in]``, ``y`` ``[..., out]``) into the maxima."""
-        xf = x.detach().reshape(-1, x.shape[-1]).float()
-        yf = y.detach().reshape(-1, y.shape[-1]).float()
-        self.seq_len = x.shape[-2] if x.dim() == 3 else 0
-        xa, ya = xf.abs().view(-1), yf.abs().view(-1)
-        i, o = int(xa.argmax()), int(ya.argmax())
-        if float(xa[i]) > self.in_max:  # a module called several times per pass keeps its largest call
-            self.in_row, self.in_channel = divmod(i, xf.shape[1])
-            self.in_max = float(xa[i])
-        if float(ya[o]) > self.out_max:
-            self.out_row, self.out_channel = divmod(o, yf.shape[1])
-            self.out_max = float(ya[o])
-            self.out_value = float(yf.view(-1)[o])
-            w = proj.weight[self.out_channel] if proj.kind == "linear" else proj.weight[:, self.out_channel]
-            contrib = xf[self.out_row] * w.detach().float()  # [in]: each input channel's share of the spike
-            self.contributor = int(contrib.abs().argmax())
-            self.contribution = float(contrib[self.contributor])
-            self.contributor_input = float(xf[self.out_row, self.contributor])
-
-    def where(self, row: int) -> tuple[int | None, int]:
-        """(batch, position) of a flattened row (batch None when the input was not [B, T, C])."""
-        return divmod(row, self.seq_len) if self.seq_len else (None, row)
-
-
-@contextlib.contextmanager
-def recording(projections: Sequence[Projection]) -> Iterator[list[LayerStat]]:
-    """Forward hooks filling one :class:`LayerStat` per projection; always removed on exit."""
-    stats = [LayerStat(p.module_name, p.layer) for p in projections]
-    handles = []
-    try:
-        for proj, stat in zip(projections, stats):
-            def hook(_m, args, kwargs, out, proj=proj, stat=stat):
-                x = args[0] if args else next(iter(kwargs.values()))  # called as module(x) or module(input=x)
-                stat.record(proj, x, out)
-            handles.append(proj.module.register_forward_hook(hook, with_kwargs=True))
-        yield stats
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -209,7 +62,7 @@ def activation_stats(model: nn.Module, projections: Sequence[Projection], input_
                      ) -> list[LayerStat]:
     """One forward pass (eval mode, ``use_cache=False``) of ``input_ids`` ``[B, T]`` int64; stats per projection."""
     assert_eval(model)
-    with recording(projections) as stats:
+    with eager_experts(model), recording(projections, seq_len=input_ids.shape[-1]) as stats:
         model(input_ids=input_ids.to(input_device(model)), use_cache=False)
     if all(s.out_max < 0 for s in stats):
         raise RuntimeError("the forward pass called no MLP output projection; cannot measure activations")
@@ -243,6 +96,7 @@ class Candidate:
     position: int
     token_id: int | None
     iteration: int
+    expert: int | None = None  # the expert of a fused mixture-of-experts tensor (row, col are within it)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -251,7 +105,7 @@ class Candidate:
     @classmethod
     def from_dict(cls, d: Mapping) -> Candidate:
         """A candidate from its ``super_weights.json`` row (extra keys such as ``token`` are ignored)."""
-        return cls(**{f: d[f] for f in cls.__dataclass_fields__})
+        return cls(**{f: d[f] for f in cls.__dataclass_fields__ if f in d})
 
 
 def _ratio(value: float, median: float) -> float:
@@ -265,17 +119,17 @@ def _candidate(proj: Projection, stat: LayerStat, med_in: float, med_out: float,
     token = int(input_ids[batch, pos]) if batch is not None and input_ids.dim() == 2 else None
     return Candidate(layer=proj.layer, module=proj.module_name, param=proj.param_name, kind=proj.kind, row=row,
                      col=col, out_channel=stat.out_channel, in_channel=stat.contributor,
-                     flat_index=row * proj.weight.shape[1] + col, weight=float(proj.weight[row, col]),
+                     flat_index=proj.flat_index(row, col), weight=float(proj.weight[row, col]),
                      input_activation=stat.contributor_input, output_activation=stat.out_value,
                      contribution=stat.contribution,
                      share=stat.contribution / stat.out_value if stat.out_value else math.nan,
                      max_abs_input=stat.in_max, input_channel_of_max=stat.in_channel,
                      input_ratio=_ratio(stat.in_max, med_in), output_ratio=_ratio(stat.out_max, med_out),
-                     batch=batch, position=pos, token_id=token, iteration=iteration)
+                     batch=batch, position=pos, token_id=token, iteration=iteration, expert=proj.expert)
 
 
 def _targets(projections: Iterable[Projection]) -> dict[str, Target]:
-    return {p.param_name: Target(p.param_name, p.module.weight, (), (p.param_name,)) for p in projections}
+    return {p.param_name: Target(p.param_name, p.param, (), (p.param_name,)) for p in projections}
 
 
 @contextlib.contextmanager
@@ -303,8 +157,10 @@ def _pass_record(projections: Sequence[Projection], stats: list[LayerStat], med_
             continue
         b_in, pos_in = s.where(s.in_row)
         b_out, pos_out = s.where(s.out_row)
-        layers.append({"module": p.module_name, "layer": p.layer, "in_max": s.in_max, "in_channel": s.in_channel,
-                       "in_batch": b_in, "in_position": pos_in, "in_ratio": _ratio(s.in_max, med_in),
+        expert = {"expert": p.expert} if p.expert is not None else {}
+        layers.append({"module": p.module_name, "layer": p.layer, **expert, "in_max": s.in_max,
+                       "in_channel": s.in_channel, "in_batch": b_in, "in_position": pos_in,
+                       "in_ratio": _ratio(s.in_max, med_in),
                        "out_max": s.out_max, "out_channel": s.out_channel, "out_batch": b_out,
                        "out_position": pos_out, "out_ratio": _ratio(s.out_max, med_out), "called": True,
                        "spike": _ratio(s.out_max, med_out) >= threshold})

@@ -166,7 +166,9 @@ def test_full_run_writes_every_output(tiny, tmp_path, capsys):
     assert cfg["versions"]["torch"]
     with open(out / "top_weights.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["rank", "parameter", "index", "coords", "score", "seed", "tensor_rank"]
+    assert list(table[0]) == ["rank", "parameter", "index", "coords", "score", "seed", "tensor_rank", "expert", "row",
+                              "col"]
+    assert all(r["expert"] == "" and r["row"] != "" and r["col"] != "" for r in table)  # no fused experts here
     n_targets = cfg["targets"]["count"]
     assert len(table) == 3 * n_targets  # per_layer: k per target tensor
     assert all(r["seed"] == "5" for r in table)

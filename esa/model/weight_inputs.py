@@ -1,0 +1,150 @@
+"""What reaches a weight that no module hook can see: inputs of functional calls on (slices of) it.
+
+A fused mixture-of-experts tensor ``W [expert, out, in]`` is read inside its module's forward as
+``F.linear(x_e, W[e])``, where ``x_e`` are the tokens routed to expert ``e`` (and, for
+``down_proj``, the intermediate activations computed in the same forward).  A router weight is read
+as ``F.linear(x, W)``; an ``nn.Embedding`` subclass with its own forward (OPT's learned positions)
+looks up indices that are not its module input.  :class:`WeightInputs` is a ``TorchFunctionMode``
+active only inside the forward of the modules that own such weights; it watches
+``Tensor.__getitem__`` on them (to learn which expert a slice is) and ``F.linear`` / ``matmul`` /
+``F.embedding`` calls whose weight is one of them or such a slice, and accumulates, per expert and
+input feature, the sum over tokens of ``x_j^2`` (fp32; token counts for embeddings).
+
+:func:`eager_experts` runs transformers' experts modules with their plain per-expert loop (the
+grouped-matmul kernels read all experts at once and expose no per-expert input).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from esa.model.introspect import using_implementation
+from esa.model.targets import Target
+
+_MATMULS = {F.linear: 1, torch.matmul: 0, torch.Tensor.matmul: 0, torch.Tensor.__matmul__: 0}  # in-axis of W
+
+
+class UnobservedWeightError(RuntimeError):
+    """A watched weight was read in a way whose input features cannot be attributed."""
+
+
+def eager_experts(model: torch.nn.Module):
+    """Run transformers' fused-experts modules with the eager per-expert loop inside the block."""
+    return using_implementation(model, "experts", "eager")
+
+
+def input_shape(t: Target) -> tuple[int, ...]:
+    """Shape of the per-input-feature sums of ``t``: ``[expert, in]`` or ``[in]``."""
+    return tuple(t.shape[t.axis(role)] for role in ("expert", "in") if t.axis(role) is not None)
+
+
+def broadcast_to_weight(t: Target, v: torch.Tensor) -> torch.Tensor:
+    """``v`` of :func:`input_shape` viewed so that it broadcasts against the weight (1 on other axes);
+    ``expert`` precedes ``in`` in every layout, so the order of ``v``'s dims already matches."""
+    return v.reshape([n if role in ("expert", "in") else 1 for n, role in zip(t.shape, t.layout)])
+
+
+class WeightInputs(TorchFunctionMode):
+    """Accumulates ``sums[name]`` (fp32): ``[in]`` for a 2-D weight, ``[expert, in]`` for a 3-D one,
+    ``[vocab]`` token counts for an embedding, from the calls that read the watched targets.
+
+    ``batch_shape``: the ``[B, L]`` of the forward in progress (an index tensor broadcast over the
+    batch, such as ``[1, L]`` position ids, counts once per token of the batch).
+    """
+
+    def __init__(self, targets: list[Target]) -> None:
+        super().__init__()
+        self.targets = {id(t.param): t for t in targets}
+        self.sums = {t.name: torch.zeros(input_shape(t), dtype=torch.float32, device=t.param.device) for t in targets}
+        self.observed: set[str] = set()
+        self.slices: dict[int, tuple[Target, int, torch.Tensor]] = {}  # id(slice) -> (target, expert, slice)
+        self.batch_shape: torch.Size | None = None
+
+    def _watched(self, w) -> tuple[Target, int | None] | None:
+        t = self.targets.get(id(w))
+        if t is not None:
+            return t, None
+        hit = self.slices.get(id(w))
+        return (hit[0], hit[1]) if hit is not None and hit[2] is w else None
+
+    def _add(self, t: Target, expert: int | None, v: torch.Tensor) -> None:
+        self.observed.add(t.name)
+        (self.sums[t.name][expert] if expert is not None else self.sums[t.name]).add_(v.to(t.param.device))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.__getitem__ and id(args[0]) in self.targets and self.targets[id(args[0])].axis(
+                "expert") == 0 and isinstance(out, torch.Tensor) and out.dim() == args[0].dim() - 1:
+            t = self.targets[id(args[0])]
+            expert = (out.storage_offset() - args[0].storage_offset()) // args[0].stride(0)
+            self.slices[id(out)] = (t, int(expert), out)
+        elif func in _MATMULS and len(args) >= 2:
+            hit = self._watched(args[1])
+            if hit is not None:
+                x = args[0].detach().float()
+                if _MATMULS[func] == 0:  # x @ W: W is [in, out]
+                    self._check_axis(hit, 0)
+                else:  # F.linear(x, W): W is [out, in]
+                    self._check_axis(hit, 1)
+                self._add(*hit, x.square().reshape(-1, x.shape[-1]).sum(0))
+        elif func is F.embedding:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            hit = self._watched(weight)
+            if hit is not None:
+                ids = args[0]
+                if self.batch_shape is not None and ids.shape != self.batch_shape:
+                    with contextlib.suppress(RuntimeError):
+                        ids = ids.expand(self.batch_shape)
+                self._add(*hit, torch.bincount(ids.reshape(-1).long(), minlength=weight.shape[0]).float())
+        return out
+
+    @staticmethod
+    def _check_axis(hit: tuple[Target, int | None], slice_in_axis: int) -> None:
+        t, expert = hit
+        axis = slice_in_axis + (1 if expert is not None else 0)
+        if t.axis("in") != axis:
+            raise UnobservedWeightError(f"{t.name} is read with its input features on axis {axis}, but its layout "
+                                        f"{t.layout} says {t.axis('in')}")
+
+
+@contextlib.contextmanager
+def watching(model: torch.nn.Module, targets: list[Target], modules: list[torch.nn.Module] | None = None
+             ) -> Iterator[WeightInputs]:
+    """Activate a :class:`WeightInputs` inside the forward of ``modules`` (default: every module owning
+    one of ``targets``; a tied weight's other uses, seen by ordinary hooks, are left out by passing
+    only the owners to watch); forward pre-hook enters, forward hook leaves; all undone on exit."""
+    mode = WeightInputs(targets)
+    owners = {id(m): m for m in (modules if modules is not None else [u.module for t in targets for u in t.uses])}
+    depth = [0]
+    handles = []
+
+    def enter(_m, _args):
+        if depth[0] == 0:
+            mode.__enter__()
+        depth[0] += 1
+
+    def leave(_m, _args, _out):
+        depth[0] -= 1
+        if depth[0] == 0:
+            mode.__exit__(None, None, None)
+            mode.slices.clear()
+
+    try:
+        for module in owners.values():
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave))
+        with eager_experts(model):
+            yield mode
+    finally:
+        for h in handles:
+            h.remove()
+        while depth[0] > 0:  # a forward that raised left the mode active
+            depth[0] -= 1
+            if depth[0] == 0:
+                mode.__exit__(None, None, None)
