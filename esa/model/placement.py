@@ -24,6 +24,7 @@ log = logging.getLogger("esa")
 
 ACC_BYTES = 4  # one fp32 accumulator per scored weight
 HEADROOM = 0.15  # share of each device kept for activations, the transient gradient and the CUDA context
+GPU_BUDGET_ENV = "ESA_GPU_BUDGET_BYTES"  # optional cap on every GPU's weight budget (bytes)
 
 
 def weight_budget(free_bytes: int, dtype: torch.dtype, headroom: float = HEADROOM) -> int:
@@ -42,13 +43,36 @@ def available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def gpu_budget_cap() -> int | None:
+    """The per-GPU weight budget cap in bytes from ``$ESA_GPU_BUDGET_BYTES`` (None when unset or empty)."""
+    value = os.environ.get(GPU_BUDGET_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        cap = int(value)
+    except ValueError:
+        cap = 0
+    if cap <= 0:
+        raise UsageError(f"{GPU_BUDGET_ENV}={value!r} must be a positive whole number of bytes (e.g. 300000000)")
+    return cap
+
+
 def max_memory(dtype: torch.dtype, offload: bool, gpu_free: dict[int, int] | None = None,
                cpu_free: int | None = None) -> dict[int | str, int]:
     """Weight budgets per device for accelerate: every visible GPU, and the CPU with ``offload`` (or
-    when there is no GPU at all).  ``gpu_free``/``cpu_free`` (bytes) default to what is free now."""
+    when there is no GPU at all).  ``gpu_free``/``cpu_free`` (bytes) default to what is free now.
+
+    The environment variable ``ESA_GPU_BUDGET_BYTES`` (a positive integer, bytes of weights), when
+    set, caps every GPU's weight budget: each becomes min(computed budget, that value).  It forces a
+    small GPU share, e.g. to check ``--offload`` with some blocks on the CPU on a GPU that would hold
+    the whole model (``benchmarks/gpu_check.sh``).  Any other value is a :class:`UsageError`.
+    """
+    cap = gpu_budget_cap()
     if gpu_free is None:
         gpu_free = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
     budgets: dict[int | str, int] = {i: weight_budget(free, dtype) for i, free in gpu_free.items()}
+    if cap is not None:
+        budgets = {i: min(b, cap) for i, b in budgets.items()}
     if offload or not gpu_free:
         budgets["cpu"] = weight_budget(available_ram() if cpu_free is None else cpu_free, dtype)
     return budgets

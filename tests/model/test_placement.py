@@ -105,3 +105,23 @@ def test_gradient_checkpointing_flag_is_refused_for_forward_only_metrics(capsys)
     assert esa_runner.main(["--device", "cpu", "--metric", "act_mag", "--gradient-checkpointing", "--dry-run"]) == 2
     assert "gradient metrics" in capsys.readouterr().err
     assert esa_runner.main(["--device", "cpu", "--offload", "--dry-run"]) == 2
+
+
+def test_gpu_budget_env_caps_every_gpu_and_rejects_bad_values(monkeypatch):
+    gib = 2**30
+    free = {0: 80 * gib, 1: 40 * gib}
+    monkeypatch.delenv("ESA_GPU_BUDGET_BYTES", raising=False)
+    plain = max_memory(torch.float32, offload=True, gpu_free=free, cpu_free=64 * gib)
+    monkeypatch.setenv("ESA_GPU_BUDGET_BYTES", "300000000")
+    capped = max_memory(torch.float32, offload=True, gpu_free=free, cpu_free=64 * gib)
+    assert capped[0] == capped[1] == 300_000_000 < plain[1]
+    assert capped["cpu"] == plain["cpu"]  # the CPU budget is not capped
+    monkeypatch.setenv("ESA_GPU_BUDGET_BYTES", str(100 * gib))  # a cap above the computed budget changes nothing
+    assert max_memory(torch.float32, offload=False, gpu_free=free) == {0: plain[0], 1: plain[1]}
+    monkeypatch.setenv("ESA_GPU_BUDGET_BYTES", "")  # empty = unset
+    assert max_memory(torch.float32, offload=False, gpu_free=free) == {0: plain[0], 1: plain[1]}
+    for bad in ("300MB", "-5", "0", "1.5e8"):
+        monkeypatch.setenv("ESA_GPU_BUDGET_BYTES", bad)
+        with pytest.raises(UsageError, match="ESA_GPU_BUDGET_BYTES") as err:
+            max_memory(torch.float32, offload=False, gpu_free=free)
+        assert "\n" not in str(err.value)
