@@ -32,7 +32,6 @@ from esa.cli.common import (
     Parser,
     add_model_args,
     add_output_args,
-    format_plan,
     model_spec_args,
     plan_device,
     tool_main,
@@ -133,7 +132,7 @@ def default_baseline_dir(cfg: BaselineConfig) -> Path:
     return default_out_dir("baseline", model_slug(cfg.model), cfg.preset)
 
 
-def print_plan(cfg: BaselineConfig) -> None:
+def plan(cfg: BaselineConfig) -> tuple[str, list[tuple[str, str]], tuple[str, ...]]:
     """The run's plan without loading anything (--dry-run)."""
     choice = plan_device(cfg.device, cfg.device_explicit, cfg.dtype, cfg.dtype_explicit)
     data = ", ".join(cfg.datasets) or "default: WikiText-2 test split if loadable, else the bundled sample corpus"
@@ -150,18 +149,12 @@ def print_plan(cfg: BaselineConfig) -> None:
             ("out dir", str(cfg.out_dir or default_baseline_dir(cfg))),
             ("evaluations", f"{max(1, len(cfg.datasets)) * len(cfg.contexts) * len(cfg.strides)} "
                             "(datasets x contexts x strides)")]
-    print(format_plan("baseline plan (dry run: no model is loaded, nothing is written)", rows, choice.warnings),
-          flush=True)
-
-
-def _run(cfg) -> int:
-    from esa.baseline.run import run  # heavy imports (transformers, matplotlib) only for a real run
-
-    return run(cfg, cfg.out_dir or default_baseline_dir(cfg))
+    return "baseline plan (dry run: no model is loaded, nothing is written)", rows, choice.warnings
 
 
 def main(argv: list[str] | None = None) -> int:
-    return tool_main(argv, lambda a: config_from_args(build_parser().parse_args(a)), print_plan, _run)
+    return tool_main(argv, lambda a: config_from_args(build_parser().parse_args(a)), plan, "esa.baseline.run:run",
+                     default_baseline_dir)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ Exit codes: 0 success; 2 bad input (one ``error:`` line on stderr, traceback onl
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from esa.errors import UsageError
 from esa.model.device import DEVICES, DTYPES, EMBEDDED_MODEL, DeviceChoice, resolve_device
@@ -53,19 +55,22 @@ def model_spec_args(ns: argparse.Namespace) -> dict:
             "dtype": ns.dtype or "bf16", "dtype_explicit": ns.dtype is not None}
 
 
-def tool_main(argv: list[str] | None, config: Callable[[list[str]], object], plan: Callable[[object], None],
-              run: Callable[[object], int]) -> int:
-    """The body of a stand-alone tool's ``main``: flags -> config, then the dry-run plan, or logging
-    and ``run`` (which imports the heavy libraries itself); the exit code."""
+def tool_main(argv: list[str] | None, config: Callable[[list[str]], object],
+              plan: Callable[[object], tuple[str, list[tuple[str, str]], tuple[str, ...]]],
+              run: str, out_dir: Callable[[object], Path]) -> int:
+    """The body of a stand-alone tool's ``main``: flags -> config; then either the dry-run plan
+    (``plan(cfg)`` gives title, rows, warnings) or logging and ``run(cfg, out_dir)``, where ``run`` is
+    "module:function", imported only for a real run (transformers loads there, not at --help)."""
     argv = sys.argv[1:] if argv is None else list(argv)
 
     def body() -> int:
         cfg = config(argv)
         if cfg.dry_run:
-            plan(cfg)
+            print(format_plan(*plan(cfg)), flush=True)
             return 0
         setup_logging(cfg.verbose)
-        return run(cfg)
+        module, function = run.split(":")
+        return getattr(importlib.import_module(module), function)(cfg, cfg.out_dir or out_dir(cfg))
 
     return guarded(body, argv, "interrupted (the manifest says so)")
 

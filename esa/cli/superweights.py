@@ -27,7 +27,6 @@ from esa.cli.common import (
     Parser,
     add_model_args,
     add_output_args,
-    format_plan,
     model_spec_args,
     plan_device,
     tool_main,
@@ -91,7 +90,7 @@ def default_super_weights_dir(cfg: SuperWeightConfig) -> Path:
     return default_out_dir("super_weights", model_slug(cfg.model))
 
 
-def print_plan(cfg: SuperWeightConfig) -> None:
+def plan(cfg: SuperWeightConfig) -> tuple[str, list[tuple[str, str]], tuple[str, ...]]:
     """The run's plan without loading anything (--dry-run)."""
     choice = plan_device(cfg.device, cfg.device_explicit, cfg.dtype, cfg.dtype_explicit)
     detect = (f"the first {DETECT_WINDOWS} calibration windows of the data" if cfg.detect_on_data
@@ -103,18 +102,12 @@ def print_plan(cfg: SuperWeightConfig) -> None:
             ("ablation", f"{cfg.eval_samples} windows x {cfg.max_length} tokens, batch {cfg.batch_size}, "
                          f"random control seed {cfg.seed}"),
             ("out dir", str(cfg.out_dir or default_super_weights_dir(cfg)))]
-    print(format_plan("super-weight plan (dry run: no model is loaded, nothing is written)", rows, choice.warnings),
-          flush=True)
-
-
-def _run(cfg) -> int:
-    from esa.superweights.run import run  # heavy imports (transformers, matplotlib) only for a real run
-
-    return run(cfg, cfg.out_dir or default_super_weights_dir(cfg))
+    return "super-weight plan (dry run: no model is loaded, nothing is written)", rows, choice.warnings
 
 
 def main(argv: list[str] | None = None) -> int:
-    return tool_main(argv, lambda a: config_from_args(build_parser().parse_args(a)), print_plan, _run)
+    return tool_main(argv, lambda a: config_from_args(build_parser().parse_args(a)), plan, "esa.superweights.run:run",
+                     default_super_weights_dir)
 
 
 if __name__ == "__main__":
