@@ -165,29 +165,32 @@ class LayerStat:
     contributor_input: float = 0.0  # signed x of the contributor at the spike token
     seq_len: int = 0  # positions per sequence (rows -> batch, position), 0 if the input is 2-D
 
-    def record(self, proj: Projection, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Fold one call of the projection (``x`` ``[..., in]``, ``y`` ``[..., out]``) into the maxima."""
+    def record(self, proj: Projection, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None = None,
+               seq_len: int = 0) -> None:
+        """Fold one call of the projection (``x`` ``[..., in]``, ``y`` ``[..., out]``) into the maxima.
+
+        ``rows`` (an expert's call): the flattened (batch, position) of each row of ``x``, with
+        ``seq_len`` positions per sequence, so that rows are stored as positions in the input."""
         xf = x.detach().reshape(-1, x.shape[-1]).float()
         yf = y.detach().reshape(-1, y.shape[-1]).float()
-        self.seq_len = x.shape[-2] if x.dim() == 3 else 0
+        self.seq_len = seq_len if rows is not None else (x.shape[-2] if x.dim() == 3 else 0)
+        place = (lambda r: int(rows[r])) if rows is not None and len(rows) == len(xf) else (lambda r: r)
         xa, ya = xf.abs().view(-1), yf.abs().view(-1)
         i, o = int(xa.argmax()), int(ya.argmax())
         if float(xa[i]) > self.in_max:  # a module called several times per pass keeps its largest call
-            self.in_row, self.in_channel = divmod(i, xf.shape[1])
+            row, self.in_channel = divmod(i, xf.shape[1])
+            self.in_row = place(row)
             self.in_max = float(xa[i])
         if float(ya[o]) > self.out_max:
-            self.out_row, self.out_channel = divmod(o, yf.shape[1])
+            row, self.out_channel = divmod(o, yf.shape[1])
+            self.out_row = place(row)
             self.out_max = float(ya[o])
             self.out_value = float(yf.view(-1)[o])
             w = proj.weight[:, self.out_channel] if proj.transposed else proj.weight[self.out_channel]
-            contrib = xf[self.out_row] * w.detach().float()  # [in]: each input channel's share of the spike
+            contrib = xf[row] * w.detach().float()  # [in]: each input channel's share of the spike
             self.contributor = int(contrib.abs().argmax())
             self.contribution = float(contrib[self.contributor])
-            self.contributor_input = float(xf[self.out_row, self.contributor])
-
-    token_rows: torch.Tensor | None = None  # expert projections: flattened (batch, position) of each input row
-    out_token_row: int = -1
-    in_token_row: int = -1
+            self.contributor_input = float(xf[row, self.contributor])
 
     def where(self, row: int) -> tuple[int | None, int]:
         """(batch, position) of a flattened row (batch None when the input was not [B, T, C])."""
@@ -267,9 +270,5 @@ class ExpertCalls(TorchFunctionMode):
             hit = self.slices.get(id(args[1]))
             if hit is not None and hit[1] is args[1] and int(hit[0]) in self.by_expert:
                 proj, stat = self.by_expert[int(hit[0])]
-                stat.record(proj, args[0], out)
-                stat.seq_len = self.seq_len
-                if self.rows is not None and len(self.rows) == args[0].reshape(-1, args[0].shape[-1]).shape[0]:
-                    stat.out_row = int(self.rows[stat.out_row]) if stat.out_row < len(self.rows) else stat.out_row
-                    stat.in_row = int(self.rows[stat.in_row]) if stat.in_row < len(self.rows) else stat.in_row
+                stat.record(proj, args[0], out, rows=self.rows, seq_len=self.seq_len)
         return out
