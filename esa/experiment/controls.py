@@ -5,8 +5,17 @@
 
 * ``random_k``: drawn uniformly (seeded numpy Generator) from the weights *not* in the Top-K: per
   tensor for ``per_layer``, over all target weights (so larger tensors get more) for ``global``.
-* ``bottom_k``: the k lowest scores (same tie-break as the Top-K, ascending).  A deterministic
-  ranking, so the bottom-k of a smaller k is a prefix of a larger k's (``nested``).
+* ``bottom_k``: the k lowest scores (same tie-break as the Top-K, ascending) among the weights the
+  perturbation can change: ``zero``, ``sign_flip`` and ``gauss_noise`` leave an exact 0.0 as it is,
+  so exact zeros are not eligible (otherwise the lowest scores of a gradient metric are exactly
+  those zeros and the control changes nothing).  A deterministic ranking, so the bottom-k of a
+  smaller k is a prefix of a larger k's (``nested``).
+* ``random_mag_k``: for each Top-K weight, a random weight of the same tensor among the nearest
+  neighbours in |w| order (the 4 closest ranks not already taken), disjoint from the Top-K: the
+  same |w| distribution as the Top-K, so "large weights matter" and "sensitive weights matter" can
+  be told apart.
+
+Too few eligible weights for a control is a usage error (a degenerate control is no control).
 """
 
 from __future__ import annotations
@@ -21,7 +30,18 @@ from esa.errors import UsageError
 from esa.experiment.selection import Selection, extreme_k, gather, merge_global
 from esa.registry import Registry
 
-ControlFn = Callable[[dict[str, torch.Tensor], list[str], int, str, Selection, np.random.Generator], Selection]
+
+@dataclass(frozen=True)
+class ControlContext:
+    """What a control may need beyond the scores: the weights (name -> parameter), and whether the
+    perturbation leaves exact zeros unchanged (then they are not eligible for bottom_k)."""
+
+    weights: dict[str, torch.Tensor] | None = None
+    zeros_unchanged: bool = False
+
+
+ControlFn = Callable[[dict[str, torch.Tensor], list[str], int, str, Selection, np.random.Generator, ControlContext],
+                     Selection]
 
 
 @dataclass(frozen=True)
@@ -67,7 +87,7 @@ def sample_excluding(n: int, k: int, excluded: torch.Tensor, rng: np.random.Gene
 
 @control_kind("random_k", nested=False, aliases=("random",),
               help="k random weights disjoint from the Top-K (per tensor for per_layer)")
-def random_k(scores, names, k, mode, top, rng) -> Selection:
+def random_k(scores, names, k, mode, top, rng, ctx) -> Selection:
     if mode == "per_layer":
         indices = {n: sample_excluding(scores[n].numel(), k, top.indices[n], rng) for n in names}
     else:
@@ -80,14 +100,74 @@ def random_k(scores, names, k, mode, top, rng) -> Selection:
     return Selection("random_k", indices, gather(scores, indices))
 
 
-@control_kind("bottom_k", nested=True, aliases=("bottom",), help="the k lowest scores")
-def bottom_k(scores, names, k, mode, top, rng) -> Selection:
+@control_kind("bottom_k", nested=True, aliases=("bottom",),
+              help="the k lowest scores among the weights the perturbation changes (no exact zeros under zero, "
+                   "sign_flip, gauss_noise)")
+def bottom_k(scores, names, k, mode, top, rng, ctx) -> Selection:
+    def eligible_only(name: str, flat: torch.Tensor) -> torch.Tensor:
+        if not ctx.zeros_unchanged:
+            return flat
+        w = ctx.weights[name].reshape(-1).to(flat.device)
+        return flat.masked_fill(w == 0, float("inf"))  # never among the k lowest while enough others exist
+
     if mode == "per_layer":
-        indices = {n: extreme_k(scores[n].reshape(-1), k, largest=False).cpu() for n in names}
+        indices = {}
+        for n in names:
+            flat = eligible_only(n, scores[n].reshape(-1))
+            indices[n] = extreme_k(flat, k, largest=False).cpu()
+            if torch.isinf(flat[indices[n].to(flat.device)]).any():
+                raise UsageError(f"bottom_k is degenerate: {n} has fewer than {k} weights the perturbation changes "
+                                 "(the rest are exact zeros); lower --topk or drop bottom_k from --controls")
     else:
-        indices = merge_global(scores, names, k, largest=False)
+        indices = merge_global(scores, names, k, largest=False, view=eligible_only)
+        if sum(len(v) for v in indices.values()) < k or any(
+                torch.isinf(eligible_only(n, scores[n].reshape(-1))[i.to(scores[n].device)]).any()
+                for n, i in indices.items() if len(i)):
+            raise UsageError(f"bottom_k is degenerate: fewer than {k} weights the perturbation changes; lower --topk "
+                             "or drop bottom_k from --controls")
     return Selection("bottom_k", indices, gather(scores, indices))
 
 
-def control(name: str, scores, names, k, mode, top: Selection, rng: np.random.Generator) -> Selection:
-    return CONTROLS[name].fn(scores, names, k, mode, top, rng)
+NEIGHBOURS = 4  # random_mag_k draws among this many nearest free |w| ranks
+
+
+@control_kind("random_mag_k", nested=False, aliases=("random_mag", "magnitude_matched"),
+              help="for each Top-K weight a random weight of the same tensor with nearly the same |w| (one of the "
+                   f"{NEIGHBOURS} nearest free |w| ranks), disjoint from the Top-K")
+def random_mag_k(scores, names, k, mode, top, rng, ctx) -> Selection:
+    indices = {}
+    for n in names:
+        mine = top.indices.get(n, torch.zeros(0, dtype=torch.int64))
+        indices[n] = magnitude_matched(ctx.weights[n], mine, rng, n) if len(mine) else mine.clone()
+    return Selection("random_mag_k", indices, gather(scores, indices))
+
+
+def magnitude_matched(weight: torch.Tensor, chosen: torch.Tensor, rng: np.random.Generator, name: str
+                      ) -> torch.Tensor:
+    """One weight per index of ``chosen`` (flat, int64), each drawn among the ``NEIGHBOURS`` nearest ranks
+    of |w| not in ``chosen`` nor drawn before; sorted flat indices.  O(numel) for the ranking, O(k) Python."""
+    order = torch.argsort(weight.detach().reshape(-1).abs().float().cpu(), stable=True)
+    n = order.numel()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n)
+    taken = set(chosen.tolist())
+    out = []
+    for r in rank[chosen].tolist():
+        near, d = [], 1
+        while len(near) < NEIGHBOURS and (r - d >= 0 or r + d < n):
+            for q in (r - d, r + d):
+                if 0 <= q < n and int(order[q]) not in taken:
+                    near.append(int(order[q]))
+            d += 1
+        if not near:
+            raise UsageError(f"random_mag_k is degenerate: {name} has no weight left outside the Top-K")
+        pick = near[int(rng.integers(len(near)))]
+        taken.add(pick)
+        out.append(pick)
+    return torch.tensor(sorted(out), dtype=torch.int64)
+
+
+def control(name: str, scores, names, k, mode, top: Selection, rng: np.random.Generator,
+            ctx: ControlContext | None = None) -> Selection:
+    """Control ``name`` of ``top`` (``ctx``: weights and eligibility; default none)."""
+    return CONTROLS[name].fn(scores, names, k, mode, top, rng, ctx or ControlContext())

@@ -62,37 +62,41 @@ class Perturbation:
     name: str
     fn: PerturbFn
     help: str
+    changes_zero: bool  # whether an exact 0.0 changes (controls only draw weights a perturbation changes)
 
 
 PERTURBATIONS: Registry[Perturbation] = Registry("perturbation")
 
 
-def perturbation(name: str, *, help: str, aliases: tuple[str, ...] = ()) -> Callable[[PerturbFn], PerturbFn]:
+def perturbation(name: str, *, help: str, changes_zero: bool, aliases: tuple[str, ...] = ()
+                 ) -> Callable[[PerturbFn], PerturbFn]:
     """Register the decorated function as perturbation ``name`` (a duplicate name is an error)."""
     def deco(fn: PerturbFn) -> PerturbFn:
-        PERTURBATIONS.add(name, Perturbation(name, fn, help), aliases)
+        PERTURBATIONS.add(name, Perturbation(name, fn, help, changes_zero), aliases)
         return fn
     return deco
 
 
-@perturbation("zero", aliases=("zeroing",), help="w -> 0")
+@perturbation("zero", aliases=("zeroing",), help="w -> 0", changes_zero=False)
 def zero(values: torch.Tensor, params: PerturbParams, gen: torch.Generator) -> torch.Tensor:
     return torch.zeros_like(values)
 
 
-@perturbation("sign_flip", aliases=("signflip", "flip_sign"), help="w -> -scale*w")
+@perturbation("sign_flip", aliases=("signflip", "flip_sign"), help="w -> -scale*w", changes_zero=False)
 def sign_flip(values: torch.Tensor, params: PerturbParams, gen: torch.Generator) -> torch.Tensor:
     return (values.float() * -params.scale).to(values.dtype)
 
 
-@perturbation("gauss_noise", aliases=("gaussian", "gauss", "noise"), help="w -> w + N(0, (scale*|w|)^2)")
+@perturbation("gauss_noise", aliases=("gaussian", "gauss", "noise"), help="w -> w + N(0, (scale*|w|)^2)",
+              changes_zero=False)
 def gauss_noise(values: torch.Tensor, params: PerturbParams, gen: torch.Generator) -> torch.Tensor:
     noise = torch.randn(values.shape, generator=gen, dtype=torch.float32).to(values.device)
     v = values.float()
     return (v + noise * (params.scale * v.abs())).to(values.dtype)
 
 
-@perturbation("bit_flip", aliases=("bitflip",), help="XOR one bit of the stored weight (--bit-index)")
+@perturbation("bit_flip", aliases=("bitflip",), help="XOR one bit of the stored weight (--bit-index)",
+              changes_zero=True)
 def bit_flip(values: torch.Tensor, params: PerturbParams, gen: torch.Generator) -> torch.Tensor:
     bit = resolve_bit(values.dtype, params.bit_index)
     nbits = torch.finfo(values.dtype).bits

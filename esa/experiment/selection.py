@@ -9,6 +9,7 @@ global top-k, so no Python object is ever built per weight.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,11 +92,13 @@ def extreme_k(flat: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
     return idx[order]
 
 
-def merge_global(scores: dict[str, torch.Tensor], names: list[str], k: int, largest: bool
-                  ) -> dict[str, torch.Tensor]:
+def merge_global(scores: dict[str, torch.Tensor], names: list[str], k: int, largest: bool,
+                 view: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The global extreme k over all tensors, from each tensor's own extreme k (``view``: an optional
+    per-tensor transform of the flat scores applied first, e.g. to rule weights out)."""
     cand_idx, cand_val, cand_tid = [], [], []
     for t, name in enumerate(names):
-        flat = scores[name].reshape(-1)
+        flat = scores[name].reshape(-1) if view is None else view(name, scores[name].reshape(-1))
         idx = extreme_k(flat, k, largest)
         cand_idx.append(idx.cpu())
         cand_val.append(flat[idx].cpu())

@@ -16,7 +16,7 @@ from esa.outdir.atomic import atomic_write_bytes  # noqa: E402
 # one colour per module type, the same in every plot
 TYPE_COLORS = {t: plt.get_cmap("tab10")(i) for i, t in enumerate(MODULE_TYPES)}
 # one colour per condition: the Top-K stands out, controls are muted
-COND_COLORS = {"top_k": "tab:red", "random_k": "tab:blue", "bottom_k": "tab:gray"}
+COND_COLORS = {"top_k": "tab:red", "random_k": "tab:blue", "bottom_k": "tab:gray", "random_mag_k": "tab:orange"}
 
 def save(fig, dest: Path, dpi: int = 120) -> Path:
     """Render the PNG in memory, write it atomically and close the figure."""

@@ -73,11 +73,12 @@ def _evaluate(ctx: RunContext, seed: int, conds: list[tuple[str, selection.Selec
 
 
 def perturbation_results(cfg: RunConfig, data: TokenData, blocks: list[dict], bit_index: int | None,
-                         sweeps: list[dict[int, dict]] | None = None) -> dict:
+                         sweeps: list[dict[int, dict]] | None = None, controls_info: dict | None = None) -> dict:
     """The primary seed's block where single-seed users expect it, every seed's, and statistics.
 
     ``summary`` and ``tests`` exist only with >= 2 seeds (absent, never zero, otherwise); ``sweep``
-    (see :mod:`esa.experiment.sweep`) only with --topk-sweep.
+    (see :mod:`esa.experiment.sweep`) only with --topk-sweep; ``controls`` (what each control could
+    not draw, e.g. bottom_k's exact zeros) only when a control excluded something.
     """
     per_seed = {str(b["seed"]): b["conditions"] for b in blocks}
     out = {"seed": blocks[0]["seed"], "metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk,
@@ -88,6 +89,8 @@ def perturbation_results(cfg: RunConfig, data: TokenData, blocks: list[dict], bi
     if len(blocks) >= 2:
         out["summary"] = significance.condition_summary(per_seed)
         out["tests"] = significance.top_vs_controls(per_seed)
+    if controls_info:
+        out["controls"] = controls_info
     if sweeps:
         out["sweep"] = sweep_curve(list(cfg.topk_sweep), cfg.topk,
                                    {str(b["seed"]): sw for b, sw in zip(blocks, sweeps)})

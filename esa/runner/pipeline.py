@@ -28,7 +28,7 @@ from esa.reporting.superweights import format_table, write_super_weights
 from esa.runner import records
 from esa.runner.context import RunContext
 from esa.runner.perturbation import baseline_perplexity, evaluate_conditions, evaluate_sweep, perturbation_results
-from esa.runner.seeds import SeedResult, check_sizes, score_seed
+from esa.runner.seeds import SeedResult, check_sizes, control_context, score_seed
 from esa.superweights.ablation import detection_input, overlap_with_topk, run_super_weights
 from esa.superweights.detect import DEFAULT_PROMPT
 
@@ -135,10 +135,19 @@ def _run(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manif
             blocks = [evaluate_conditions(ctx, r, base) for r in results]
             sweeps = [evaluate_sweep(ctx, r, base, b) for r, b in zip(results, blocks)] if cfg.topk_sweep else None
             bit = resolve_bit(ctx.targets[0].param.dtype, cfg.bit_index) if cfg.perturb == "bit_flip" else None
-            perturbation = perturbation_results(cfg, ctx.data, blocks, bit, sweeps)
+            perturbation = perturbation_results(cfg, ctx.data, blocks, bit, sweeps, controls_info(ctx))
         if not is_main:
             return {"out_dir": str(out_dir), "perturbation": perturbation}
         return _write_results(ctx, rows, stab, perturbation, sw)
+
+
+def controls_info(ctx: RunContext) -> dict | None:
+    """bottom_k's ineligible weights: the exact zeros, when the perturbation leaves them unchanged."""
+    if "bottom_k" not in ctx.cfg.controls or not control_context(ctx.cfg, []).zeros_unchanged:
+        return None
+    zeros = sum(int((t.param == 0).sum()) for t in ctx.targets)
+    return {"bottom_k": {"ineligible_weights": zeros,
+                         "reason": f"exact zeros, which {ctx.cfg.perturb} leaves unchanged, are not drawn"}}
 
 
 def super_weights(ctx: RunContext, results: list[SeedResult]) -> dict:

@@ -17,6 +17,7 @@ import torch
 from esa.analysis.stats import all_stats
 from esa.config import RunConfig
 from esa.experiment import controls, selection
+from esa.experiment.perturb import PERTURBATIONS
 from esa.metrics import MetricContext, compute_scores
 from esa.model import distributed
 from esa.model.placement import checkpointed_blocks
@@ -68,7 +69,7 @@ def score_seed(ctx: RunContext, seed: int, write_stats: bool) -> SeedResult:
                                       else contextlib.nullcontext()):
         scores = compute_scores(cfg.metric, model, targets, windows, cfg.batch_size, mctx)
     with manifest.phase("selection"):
-        chosen_k = select_all(cfg, scores, names, seed)
+        chosen_k = select_all(cfg, scores, names, seed, control_context(cfg, targets))
         top, controls = chosen_k[cfg.topk]
         sweep = {k: v for k, v in chosen_k.items() if k != cfg.topk}
         if distributed.active():  # the payload is O(k) Python objects: only built when there are ranks
@@ -90,32 +91,44 @@ def score_seed(ctx: RunContext, seed: int, write_stats: bool) -> SeedResult:
     return SeedResult(seed, top, controls, chosen.tolist(), sweep)
 
 
-def select_all(cfg: RunConfig, scores: dict[str, torch.Tensor], names: list[str], seed: int
+def control_context(cfg: RunConfig, targets: list[Target]) -> controls.ControlContext:
+    """The weights, and whether the perturbation leaves exact zeros unchanged (bottom_k's eligibility)."""
+    zeros_unchanged = cfg.perturb is not None and not PERTURBATIONS[cfg.perturb].changes_zero
+    return controls.ControlContext({t.name: t.param for t in targets}, zeros_unchanged)
+
+
+def select_all(cfg: RunConfig, scores: dict[str, torch.Tensor], names: list[str], seed: int,
+               cctx: controls.ControlContext | None = None
                ) -> dict[int, tuple[selection.Selection, dict[str, selection.Selection]]]:
     """Top-K and each control for --topk and every --topk-sweep k, from one pass at the largest k.
 
     Top-K and bottom_k of a smaller k are prefixes of the largest k's (nested under the total
-    order), so the scores are ranked once; random_k is drawn per k, from the stream ``random_k`` for
-    --topk (as without a sweep) and ``random_k:k<k>`` for the others, disjoint from that k's Top-K.
+    order), so the scores are ranked once; a random control is drawn per k from its own stream (named
+    after it for --topk, ``<control>:k<k>`` for the others: ``random_k`` keeps the streams it always
+    had), disjoint from that k's Top-K, so adding a control never changes another's draws.
     """
     ks = sorted({cfg.topk, *cfg.topk_sweep})
-    need = 2 if "random_k" in cfg.controls else 1  # random_k is drawn disjoint from the Top-K: room for 2k
-    top_max = selection.top_k(scores, names, ks[-1], cfg.mode, need=need)
-    nested = {c: controls.control(c, scores, names, ks[-1], cfg.mode, top_max, None)  # deterministic: no rng
+    top_max = selection.top_k(scores, names, ks[-1], cfg.mode, need=room(cfg))
+    nested = {c: controls.control(c, scores, names, ks[-1], cfg.mode, top_max, None, cctx)  # deterministic
               for c in cfg.controls if controls.CONTROLS[c].nested}
     out = {}
     for k in ks:
         top = top_max.prefix(k, cfg.mode, names)
-        rng = numpy_rng(seed, "random_k" if k == cfg.topk else f"random_k:k{k}")
-        out[k] = (top, {c: nested[c].prefix(k, cfg.mode, names) if c in nested
-                        else controls.control(c, scores, names, k, cfg.mode, top, rng) for c in cfg.controls})
+        out[k] = (top, {c: nested[c].prefix(k, cfg.mode, names) if c in nested else controls.control(
+            c, scores, names, k, cfg.mode, top, numpy_rng(seed, c if k == cfg.topk else f"{c}:k{k}"), cctx)
+            for c in cfg.controls})
     return out
+
+
+def room(cfg: RunConfig) -> int:
+    """Multiples of k the weights must hold: controls drawn disjoint from the Top-K need as many again."""
+    return 2 if {"random_k", "random_mag_k"} & set(cfg.controls) else 1
 
 
 def check_sizes(cfg: RunConfig, targets: list[Target]) -> None:
     """Fail before scoring when --topk or a --topk-sweep k does not fit the weight count."""
     sizes = {t.name: t.numel for t in targets}
-    need = 2 if "random_k" in cfg.controls else 1
+    need = room(cfg)
     selection.check_k(cfg.mode, cfg.topk, sizes, need)
     for k in cfg.topk_sweep:
         selection.check_k(cfg.mode, k, sizes, need, flag="--topk-sweep")

@@ -172,7 +172,7 @@ def test_restore_when_perturbation_itself_fails(setup):
             raise ValueError("perturbation failed")
         return values * 3.0
 
-    with PERTURBATIONS.temporary("flaky", Perturbation("flaky", flaky, "test")), \
+    with PERTURBATIONS.temporary("flaky", Perturbation("flaky", flaky, "test", changes_zero=True)), \
             pytest.raises(ValueError, match="perturbation failed"), \
             perturbed(targets, sel, "flaky", 1.0, 1.0, torch.Generator().manual_seed(0)):
         pass  # pragma: no cover - never reached
