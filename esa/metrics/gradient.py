@@ -28,9 +28,11 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def grad_accumulators(targets: list[Target], square: bool = False) -> Iterator[Scores]:
+def grad_accumulators(targets: list[Target], square: bool = False, squares: Scores | None = None
+                      ) -> Iterator[Scores]:
     """Enable grads on targets and fold each backward's gradient (``square``: its square) into an
-    fp32 accumulator.
+    fp32 accumulator; ``squares`` (a dict to fill): also fold each gradient's square into a second
+    accumulator (filled in target order too), for metrics that need both moments of one backward.
 
     A post-accumulate-grad hook folds ``grad.float()`` into the accumulator and frees ``param.grad``
     at once, so no model-dtype gradient outlives its backward pass.  The first backward's gradient
@@ -48,6 +50,11 @@ def grad_accumulators(targets: list[Target], square: bool = False) -> Iterator[S
         def hook(p: torch.Tensor) -> None:
             g = p.grad.float().contiguous()  # fp32 and contiguous: p.grad itself, else a fresh copy
             p.grad = None
+            if squares is not None:  # before g may become the plain accumulator (and change in place)
+                if name in squares:
+                    squares[name].addcmul_(g, g)
+                else:
+                    squares[name] = g.square()
             if name not in acc:
                 acc[name] = g.square_() if square else g
             elif square:
@@ -62,12 +69,13 @@ def grad_accumulators(targets: list[Target], square: bool = False) -> Iterator[S
             handles.append(t.param.register_post_accumulate_grad_hook(make_hook(t.name)))
         yield acc
         # back in target order (hooks fire in backward order), zeros for a target no backward reached
-        filled = dict(acc)
-        acc.clear()
-        for t in targets:
-            acc[t.name] = filled.pop(t.name, None)
-            if acc[t.name] is None:
-                acc[t.name] = torch.zeros(t.shape, dtype=torch.float32, device=t.param.device)
+        for d in (acc, squares) if squares is not None else (acc,):
+            filled = dict(d)
+            d.clear()
+            for t in targets:
+                d[t.name] = filled.pop(t.name, None)
+                if d[t.name] is None:
+                    d[t.name] = torch.zeros(t.shape, dtype=torch.float32, device=t.param.device)
     finally:
         for h in handles:
             h.remove()

@@ -1,0 +1,50 @@
+"""taylor2 against a per-window loop in float64 (an independent computation)."""
+
+from __future__ import annotations
+
+import torch
+
+from esa.metrics import compute_scores
+from esa.model.targets import find_targets
+from tests.conftest import to_double
+
+
+def test_taylor2_matches_a_per_window_loop(tiny_model, windows):
+    targets = find_targets(tiny_model)
+    scores = compute_scores("taylor2", tiny_model, targets, windows, 4)
+    model64 = to_double(tiny_model)
+    params = [model64.get_parameter(t.name) for t in targets]
+    for p in params:
+        p.requires_grad_(True)
+    g_sum = [torch.zeros_like(p) for p in params]
+    sq_sum = [torch.zeros_like(p) for p in params]
+    for i in range(len(windows)):
+        window = windows[i:i + 1]
+        logp = torch.log_softmax(model64(input_ids=window, use_cache=False).logits[0, :-1].double(), dim=-1)
+        nll = -logp[torch.arange(window.shape[1] - 1), window[0, 1:]].mean()
+        for gs, ss, g in zip(g_sum, sq_sum, torch.autograd.grad(nll, params)):
+            gs += g
+            ss += g.square()
+    n = len(windows)
+    for t, p, gs, ss in zip(targets, params, g_sum, sq_sum):
+        w = p.detach()
+        first, second = gs / n * w, 0.5 * ss / n * w * w
+        expected = (first - second).abs()
+        # the two terms can cancel: tolerance relative to the terms' size, not to their difference
+        scale = float((first.abs() + second).max())
+        torch.testing.assert_close(scores[t.name].double(), expected, rtol=1e-4, atol=1e-5 * scale, msg=t.name)
+        first_order = (gs / n * w).abs()  # grad_x_weight: the curvature term makes a visible difference
+        assert (expected - first_order).abs().max() > 1e-3 * first_order.max(), t.name
+
+
+def test_taylor2_first_order_term_is_grad_x_weight(llama, windows):
+    """With the Fisher term removed (0.5 F w^2 subtracted back), taylor2's g*w equals grad_x_weight's."""
+    targets = find_targets(llama)
+    gxw = compute_scores("grad_x_weight", llama, targets, windows, 2)
+    t2 = compute_scores("taylor2", llama, targets, windows, 2)
+    fisher = compute_scores("grad_squared", llama, targets, windows, 2)
+    for t in targets:
+        w = t.param.detach().float()
+        # |g w| >= ||g w| - |0.5 F w^2|| <= taylor2 <= |g w| + 0.5 F w^2 (triangle inequality), tight to fp32
+        assert (t2[t.name] <= gxw[t.name] + 0.5 * fisher[t.name] * w * w + 1e-6).all()
+        assert (t2[t.name] >= (gxw[t.name] - 0.5 * fisher[t.name] * w * w).abs() - 1e-6).all()
