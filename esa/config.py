@@ -100,6 +100,7 @@ class RunConfig(ModelSpec):
     bit_index: int | None = None
     hutchinson_samples: int = 16
     curvature_samples: int = 1
+    obs_damp: float = 0.01  # obs: dampening, a fraction of mean(diag H) (SparseGPT's default)
     controls: tuple[str, ...] = ("random_k", "bottom_k")
     seeds: tuple[int, ...] = (0,)
     stability_check: bool = False
@@ -155,6 +156,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.max_length < 2:
         raise UsageError(f"--max-length must be at least 2 tokens, got {cfg.max_length}")
+    if not (cfg.obs_damp >= 0.0 and cfg.obs_damp != float("inf")):
+        raise UsageError(f"--obs-damp must be a finite number >= 0, got {cfg.obs_damp}")
     if not 0.0 < cfg.perturb_prob <= 1.0:
         raise UsageError(f"--perturb-prob must be in (0, 1], got {cfg.perturb_prob}")
     if not cfg.perturb_scale >= 0.0 or cfg.perturb_scale != cfg.perturb_scale:

@@ -75,6 +75,9 @@ def build_parser() -> Parser:
                    help="Rademacher probes for hutchinson_diag (one Hessian-vector product each)")
     g.add_argument("--curvature-samples", type=int, default=1,
                    help="Monte-Carlo label draws per calibration window for hessian_diag")
+    g.add_argument("--obs-damp", type=float, default=0.01,
+                   help="obs: dampening added to H as a fraction of mean(diag H) (SparseGPT's 0.01); raised "
+                        "tenfold (and recorded) while H is not positive definite")
     g.add_argument("--targets", choices=("matrices", "all"), default="matrices",
                    help="which weights are scored: matrices = every floating-point parameter with 2 or more "
                         "dimensions (Linear, Conv1D, embeddings, fused MoE experts, routers, ...); all = also the "
@@ -131,7 +134,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         perturb=canonical(ns.perturb, PERTURBATIONS.names(), PERTURBATIONS.aliases(), "--perturb") if ns.perturb
         else None,
         perturb_scale=ns.perturb_scale, perturb_prob=ns.perturb_prob, bit_index=ns.bit_index,
-        hutchinson_samples=ns.hutchinson_samples, curvature_samples=ns.curvature_samples,
+        hutchinson_samples=ns.hutchinson_samples, curvature_samples=ns.curvature_samples, obs_damp=ns.obs_damp,
         controls=parse_controls(ns.controls), seeds=parse_seeds(ns.seeds),
         stability_check=ns.stability_check, data_file=ns.data_file, data_dir=ns.data_dir,
         dataset=canonical(ns.dataset, DATASETS, DATASET_ALIASES, "--dataset") if ns.dataset else None,

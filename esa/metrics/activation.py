@@ -52,7 +52,7 @@ def act_mag(model, targets, windows, batch_size, ctx) -> Scores:
             if kind == "embedding":
                 # An index tensor broadcast over the batch (GPT-2 position ids [1, L]) is read by
                 # every window: count it once per token of the batch, not once per forward call.
-                x = _broadcast_ids(x, batch_shape[-1])
+                x = broadcast_ids(x, batch_shape[-1])
                 v = torch.bincount(x.flatten(), minlength=size).float()
             else:
                 v = x.detach().float().square().sum(dim=tuple(range(x.ndim - 1)))
@@ -99,7 +99,7 @@ def act_mag(model, targets, windows, batch_size, ctx) -> Scores:
     return out
 
 
-def _broadcast_ids(ids: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def broadcast_ids(ids: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``ids`` expanded to the batch ``shape`` when it broadcasts to it (else unchanged)."""
     try:
         if ids.shape != shape and torch.broadcast_shapes(ids.shape, shape) == shape:

@@ -36,6 +36,7 @@ class MetricContext:
     seed: int = 0
     hutchinson_samples: int = 16
     curvature_samples: int = 1
+    obs_damp: float = 0.01  # obs: dampening λ as a fraction of mean(diag H)
     extra_stats: dict[str, dict] = field(default_factory=dict)
     # Set by compute_scores: windows over all ranks (normalisations use this, not the local share)
     # and the global index of this rank's first window (per-window random streams use it).
