@@ -14,8 +14,9 @@ recorded per tensor in sensitivity_stats.json (never a crash, never NaN).
 * Fused experts and routers (read inside their module's forward) are not scored by obs yet: they
   are excluded with a warning and listed in the coverage record.
 
-Memory: one fp32 ``in × in`` matrix per Linear/Conv1D use, Σ in² · 4 bytes (about 0.5 GB for
-SmolLM2-135M; 29 GB for Llama-3.1-8B, so score a subset with --include there).
+Memory: one float64 ``in × in`` matrix per Linear/Conv1D use, Σ in² · 8 bytes (float64 because
+the inverse amplifies rounding by H's condition number; about 1 GB for SmolLM2-135M, 58 GB for
+Llama-3.1-8B, so score a subset with --include there).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def obs(model, targets, windows, batch_size, ctx) -> Scores:
                 ids = broadcast_ids(x, batch_shape[-1])
                 sums[key].add_(torch.bincount(ids.flatten(), minlength=size).to(sums[key].dtype))
             else:
-                x = x.detach().reshape(-1, x.shape[-1]).float()
+                x = x.detach().reshape(-1, x.shape[-1]).double()
                 sums[key].addmm_(x.T, x)
         return hook
 
@@ -86,7 +87,9 @@ def obs(model, targets, windows, batch_size, ctx) -> Scores:
             for i, use in enumerate(t.uses):
                 size = t.shape[use.in_axis]
                 shape = (size,) if use.kind == "embedding" else (size, size)
-                sums[(t.name, i)] = torch.zeros(shape, dtype=torch.float32, device=t.param.device)
+                # float64: the inverse amplifies rounding by H's condition number, so fp32 sums would make
+                # the scores depend on the batch order (and on the number of ranks) beyond fp32 rounding
+                sums[(t.name, i)] = torch.zeros(shape, dtype=torch.float64, device=t.param.device)
                 handles.append(use.module.register_forward_hook(make_hook((t.name, i), use.kind, size)))
         with torch.no_grad():
             for batch in batches(windows, batch_size, input_device(model), "obs"):
