@@ -2,7 +2,8 @@
 
 ``registry`` holds the :class:`~esa.metrics.registry.Metric` record, the registry and
 ``compute_scores``; ``gradient`` (grad_x_weight, grad_squared), ``curvature`` (hessian_diag,
-hutchinson_diag), ``activation`` (act_mag) and ``magnitude`` each register their metrics.  Every
+hutchinson_diag), ``activation`` (act_mag), ``magnitude``, ``taylor`` (taylor2) and ``obs`` each
+register their metrics.  Every
 module of this package is imported here, so a new metric is one new file (plus its test).
 
 May import: esa.model, esa.seeding, esa.registry, esa.errors.  Never the experiment, the runner,
