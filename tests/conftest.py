@@ -142,6 +142,18 @@ def to_double(model: torch.nn.Module) -> torch.nn.Module:
     return m
 
 
+def window_gradients(model64: torch.nn.Module, params: list[torch.Tensor], windows: torch.Tensor):
+    """Yield, window by window, the float64 gradients of that window's mean next-token NLL w.r.t. ``params``
+    (parameters of ``model64``; grads are switched on for them)."""
+    for p in params:
+        p.requires_grad_(True)
+    for w in range(len(windows)):
+        window = windows[w:w + 1]
+        logp = torch.log_softmax(model64(input_ids=window, use_cache=False).logits[0, :-1].double(), dim=-1)
+        nll = -logp[torch.arange(window.shape[1] - 1), window[0, 1:]].mean()
+        yield torch.autograd.grad(nll, params)
+
+
 def mean_token_nll64(model64: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL over all ``W * (L - 1)`` predicted tokens, float64, one forward call."""
     logits = model64(input_ids=windows, use_cache=False).logits.double()

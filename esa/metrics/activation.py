@@ -21,7 +21,7 @@ from esa.model.targets import Target, Use
 from esa.model.weight_inputs import UnobservedWeightError, broadcast_to_weight, watching
 
 
-def _hooked(use: Use) -> bool:
+def hooked_use(use: Use) -> bool:
     """Whether a forward hook on the module sees the weight's input: a Linear or Conv1D, or an
     Embedding with the stock forward (a subclass such as OPT's learned positions is called with the
     attention mask, not the ids: its lookups are observed at ``F.embedding`` instead)."""
@@ -44,7 +44,7 @@ def act_mag(model, targets, windows, batch_size, ctx) -> Scores:
     sumsq: dict[tuple[str, int], torch.Tensor] = {}
     handles = []
     batch_shape: list[torch.Size] = []  # shape of the input_ids of the forward in progress
-    watched = [t for t in targets if any(not _hooked(u) for u in t.uses)]
+    watched = [t for t in targets if any(not hooked_use(u) for u in t.uses)]
 
     def make_hook(key: tuple[str, int], kind: str, size: int):
         def hook(module, inputs, output) -> None:
@@ -62,11 +62,11 @@ def act_mag(model, targets, windows, batch_size, ctx) -> Scores:
     try:
         for t in targets:
             for i, use in enumerate(t.uses):
-                if _hooked(use):
+                if hooked_use(use):
                     key = (t.name, i)
                     sumsq[key] = torch.zeros(t.shape[use.in_axis], dtype=torch.float32, device=t.param.device)
                     handles.append(use.module.register_forward_hook(make_hook(key, use.kind, t.shape[use.in_axis])))
-        unhooked = [u.module for t in watched for u in t.uses if not _hooked(u)]
+        unhooked = [u.module for t in watched for u in t.uses if not hooked_use(u)]
         with torch.no_grad(), watching(model, watched, unhooked) as seen:
             for batch in batches(windows, batch_size, input_device(model), "act_mag"):
                 batch_shape.append(batch.shape)
@@ -85,7 +85,7 @@ def act_mag(model, targets, windows, batch_size, ctx) -> Scores:
     for t in targets:
         # a hooked use broadcasts along its own input axis (a tied embedding reads rows, lm_head columns)
         norms = [sumsq[(t.name, i)][None, :] if u.in_axis == 1 else sumsq[(t.name, i)][:, None]
-                 for i, u in enumerate(t.uses) if _hooked(u)]
+                 for i, u in enumerate(t.uses) if hooked_use(u)]
         if t.name in watched_names:
             norms.append(broadcast_to_weight(t, seen.sums[t.name]))
         w = t.param.detach().float().abs()  # a fresh fp32 buffer (abs copies): it becomes the score

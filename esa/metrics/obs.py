@@ -22,26 +22,19 @@ Llama-3.1-8B, so score a subset with --include there).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from esa.metrics.activation import broadcast_ids
+from esa.metrics.activation import broadcast_ids, hooked_use
 from esa.metrics.registry import Scores, metric
 from esa.model import distributed
 from esa.model.forward import batches
 from esa.model.introspect import input_device
-from esa.model.targets import Target, Use
+from esa.model.targets import Target
 
 DEFAULT_DAMP = 0.01
 
 
-def _supported(use: Use) -> bool:
-    if use.kind == "embedding":
-        return type(use.module).forward is nn.Embedding.forward
-    return use.kind in ("linear", "conv1d")
-
-
 def can_score(t: Target) -> str | None:
-    if all(_supported(u) for u in t.uses) and t.uses:
+    if all(hooked_use(u) for u in t.uses) and t.uses:
         return None
     return "obs covers Linear, Conv1D and embedding inputs; fused experts and routers are not supported yet"
 

@@ -16,7 +16,7 @@ import torch
 
 from esa.metrics import compute_scores
 from esa.model.targets import find_targets
-from tests.conftest import MODEL_FACTORIES, mean_token_nll64, to_double
+from tests.conftest import MODEL_FACTORIES, mean_token_nll64, to_double, window_gradients
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -139,16 +139,9 @@ def test_grad_squared_matches_per_window_loop(tiny_model, windows):
     scores = compute_scores("grad_squared", tiny_model, targets, windows, 4)
     model64 = to_double(tiny_model)
     params = _params64(model64, targets)
-    for p in params:
-        p.requires_grad_(True)
     sq = [torch.zeros_like(p) for p in params]
     mean_g = [torch.zeros_like(p) for p in params]
-    for w in range(len(windows)):
-        window = windows[w:w + 1]
-        logits = model64(input_ids=window, use_cache=False).logits[0]
-        logp = torch.log_softmax(logits[:-1].double(), dim=-1)
-        nll = -logp[torch.arange(window.shape[1] - 1), window[0, 1:]].mean()
-        grads = torch.autograd.grad(nll, params)
+    for grads in window_gradients(model64, params, windows):
         for acc, m, g in zip(sq, mean_g, grads):
             acc += g.square()
             m += g

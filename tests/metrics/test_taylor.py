@@ -6,7 +6,7 @@ import torch
 
 from esa.metrics import compute_scores
 from esa.model.targets import find_targets
-from tests.conftest import to_double
+from tests.conftest import to_double, window_gradients
 
 
 def test_taylor2_matches_a_per_window_loop(tiny_model, windows):
@@ -14,15 +14,10 @@ def test_taylor2_matches_a_per_window_loop(tiny_model, windows):
     scores = compute_scores("taylor2", tiny_model, targets, windows, 4)
     model64 = to_double(tiny_model)
     params = [model64.get_parameter(t.name) for t in targets]
-    for p in params:
-        p.requires_grad_(True)
     g_sum = [torch.zeros_like(p) for p in params]
     sq_sum = [torch.zeros_like(p) for p in params]
-    for i in range(len(windows)):
-        window = windows[i:i + 1]
-        logp = torch.log_softmax(model64(input_ids=window, use_cache=False).logits[0, :-1].double(), dim=-1)
-        nll = -logp[torch.arange(window.shape[1] - 1), window[0, 1:]].mean()
-        for gs, ss, g in zip(g_sum, sq_sum, torch.autograd.grad(nll, params)):
+    for grads in window_gradients(model64, params, windows):
+        for gs, ss, g in zip(g_sum, sq_sum, grads):
             gs += g
             ss += g.square()
     n = len(windows)
