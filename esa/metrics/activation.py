@@ -10,13 +10,14 @@ each of its uses.  Scores are not comparable across layers: ``||x||`` grows with
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
-from esa.metrics.registry import Scores, metric
+from esa.metrics.registry import Collector, metric
 from esa.model import distributed
-from esa.model.forward import batches
-from esa.model.introspect import input_device
 from esa.model.targets import Target, Use
 from esa.model.weight_inputs import UnobservedWeightError, broadcast_to_weight, watching
 
@@ -37,66 +38,74 @@ def can_score(t: Target) -> str | None:
 
 @metric("act_mag", aliases=("activation_magnitude", "act_magnitude", "wanda"), needs=("forward",),
         help="|w_ij| * ||x_j||_2 (Wanda)", unit="|w|·‖x‖₂ (weight × activation units; Wanda)", can_score=can_score)
-def act_mag(model, targets, windows, batch_size, ctx) -> Scores:
-    # One fp32 vector per hooked use: sum over tokens of x_j^2 (or token counts for embeddings);
-    # the other reads (fused experts per expert, routers, embedding subclasses) are observed by
-    # WeightInputs, one [expert, in] or [in] sum per target.
-    sumsq: dict[tuple[str, int], torch.Tensor] = {}
-    handles = []
-    batch_shape: list[torch.Size] = []  # shape of the input_ids of the forward in progress
-    watched = [t for t in targets if any(not hooked_use(u) for u in t.uses)]
+class ActMag(Collector):
+    """One fp32 vector per hooked use: sum over tokens of x_j^2 (or token counts for embeddings); the
+    other reads (fused experts per expert, routers, embedding subclasses) are observed by
+    WeightInputs, one ``[expert, in]`` or ``[in]`` sum per target."""
 
-    def make_hook(key: tuple[str, int], kind: str, size: int):
-        def hook(module, inputs, output) -> None:
-            x = inputs[0]
-            if kind == "embedding":
-                # An index tensor broadcast over the batch (GPT-2 position ids [1, L]) is read by
-                # every window: count it once per token of the batch, not once per forward call.
-                x = broadcast_ids(x, batch_shape[-1])
-                v = torch.bincount(x.flatten(), minlength=size).float()
-            else:
-                v = x.detach().float().square().sum(dim=tuple(range(x.ndim - 1)))
-            sumsq[key].add_(v)
-        return hook
+    observes = True
 
-    try:
-        for t in targets:
-            for i, use in enumerate(t.uses):
-                if hooked_use(use):
-                    key = (t.name, i)
-                    sumsq[key] = torch.zeros(t.shape[use.in_axis], dtype=torch.float32, device=t.param.device)
-                    handles.append(use.module.register_forward_hook(make_hook(key, use.kind, t.shape[use.in_axis])))
-        unhooked = [u.module for t in watched for u in t.uses if not hooked_use(u)]
-        with torch.no_grad(), watching(model, watched, unhooked) as seen:
-            for batch in batches(windows, batch_size, input_device(model), "act_mag"):
-                batch_shape.append(batch.shape)
-                seen.batch_shape = batch.shape
-                model(input_ids=batch, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    watched_names = {t.name for t in watched}
-    missing = [n for n in watched_names if n not in seen.observed]
-    if missing:
-        raise UnobservedWeightError(f"act_mag saw no F.linear/matmul/F.embedding read of {', '.join(missing)}; "
-                                    "its input features are unknown (exclude it with --exclude)")
-    distributed.all_reduce_sum([*sumsq.values(), *seen.sums.values()])
-    out: Scores = {}
-    for t in targets:
+    @contextlib.contextmanager
+    def observe(self, model, targets) -> Iterator[None]:
+        self.sumsq: dict[tuple[str, int], torch.Tensor] = {}
+        self.batch_shape: list[torch.Size] = []  # shape of the input_ids of the forward in progress
+        self.watched = {t.name for t in targets if any(not hooked_use(u) for u in t.uses)}
+        sumsq, batch_shape = self.sumsq, self.batch_shape
+
+        def make_hook(key: tuple[str, int], kind: str, size: int):
+            def hook(module, inputs, output) -> None:
+                x = inputs[0]
+                if kind == "embedding":
+                    # An index tensor broadcast over the batch (GPT-2 position ids [1, L]) is read by
+                    # every window: count it once per token of the batch, not once per forward call.
+                    x = broadcast_ids(x, batch_shape[-1])
+                    v = torch.bincount(x.flatten(), minlength=size).float()
+                else:
+                    v = x.detach().float().square().sum(dim=tuple(range(x.ndim - 1)))
+                sumsq[key].add_(v)
+            return hook
+
+        handles = []
+        try:
+            for t in targets:
+                for i, use in enumerate(t.uses):
+                    if hooked_use(use):
+                        key = (t.name, i)
+                        sumsq[key] = torch.zeros(t.shape[use.in_axis], dtype=torch.float32, device=t.param.device)
+                        handles.append(use.module.register_forward_hook(make_hook(key, use.kind, t.shape[use.in_axis])))
+            watched = [t for t in targets if t.name in self.watched]
+            unhooked = [u.module for t in watched for u in t.uses if not hooked_use(u)]
+            with watching(model, watched, unhooked) as self.seen:
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def before_batch(self, batch) -> None:
+        self.batch_shape.append(batch.shape)
+        self.seen.batch_shape = batch.shape
+
+    def reduce(self) -> None:
+        missing = [n for n in self.watched if n not in self.seen.observed]
+        if missing:
+            raise UnobservedWeightError(f"act_mag saw no F.linear/matmul/F.embedding read of {', '.join(missing)}; "
+                                        "its input features are unknown (exclude it with --exclude)")
+        distributed.all_reduce_sum([*self.sumsq.values(), *self.seen.sums.values()])
+
+    def score(self, t, grads):
         # a hooked use broadcasts along its own input axis (a tied embedding reads rows, lm_head columns)
-        norms = [sumsq[(t.name, i)][None, :] if u.in_axis == 1 else sumsq[(t.name, i)][:, None]
+        norms = [self.sumsq[(t.name, i)][None, :] if u.in_axis == 1 else self.sumsq[(t.name, i)][:, None]
                  for i, u in enumerate(t.uses) if hooked_use(u)]
-        if t.name in watched_names:
-            norms.append(broadcast_to_weight(t, seen.sums[t.name]))
+        if t.name in self.watched:
+            norms.append(broadcast_to_weight(t, self.seen.sums[t.name]))
         w = t.param.detach().float().abs()  # a fresh fp32 buffer (abs copies): it becomes the score
         norms = [n.sqrt_() for n in norms]
         if len(norms) == 1:
-            out[t.name] = w.mul_(norms[0])
-        else:  # tied: |w| * sum of the uses' norms (each broadcast along its own input axis)
-            out[t.name] = w * norms[0]
-            for n in norms[1:]:
-                out[t.name].addcmul_(w, n)
-    return out
+            return w.mul_(norms[0])
+        out = w * norms[0]  # tied: |w| * sum of the uses' norms (each broadcast along its own input axis)
+        for n in norms[1:]:
+            out.addcmul_(w, n)
+        return out
 
 
 def broadcast_ids(ids: torch.Tensor, shape: torch.Size) -> torch.Tensor:

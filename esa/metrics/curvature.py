@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from esa.metrics.gradient import grad_accumulators
-from esa.metrics.registry import MetricContext, Scores, metric
+from esa.metrics.grads import grad_accumulators
+from esa.metrics.registry import Collector, metric
 from esa.model import distributed
 from esa.model.forward import batches, nll_sum
 from esa.model.introspect import input_device, using_implementation
@@ -100,35 +100,45 @@ def hutchinson_signed(model, targets: list[Target], windows: torch.Tensor, batch
 @metric("hutchinson_diag", aliases=("hutchinson",), needs=("forward", "backward", "hvp"),
         help="|mean_z z*(Hz)|, Rademacher probes (--hutchinson-samples), H = Hessian of the mean token loss",
         unit="|diag H| (nats / weight unit²; Hutchinson)")
-def hutchinson_diag(model, targets, windows, batch_size, ctx: MetricContext) -> Scores:
-    signed = hutchinson_signed(model, targets, windows, batch_size, ctx.hutchinson_samples, ctx.seed,
-                               ctx.n_windows)
-    for name, e in signed.items():
-        ctx.extra_stats[name] = {"signed_estimate": {
-            "mean": float(e.double().mean()), "min": float(e.min()), "max": float(e.max()),
-            "share_negative": float((e < 0).double().mean()), "probes": ctx.hutchinson_samples}}
-    return {name: e.abs_() for name, e in signed.items()}
+class HutchinsonDiag(Collector):
+    def own_passes(self, model, targets, windows, batch_size) -> None:
+        ctx = self.ctx
+        self.signed = hutchinson_signed(model, targets, windows, batch_size, ctx.hutchinson_samples, ctx.seed,
+                                        ctx.n_windows)  # summed over ranks already
+        for name, e in self.signed.items():
+            ctx.extra_stats[name] = {"signed_estimate": {
+                "mean": float(e.double().mean()), "min": float(e.min()), "max": float(e.max()),
+                "share_negative": float((e < 0).double().mean()), "probes": ctx.hutchinson_samples}}
+
+    def score(self, t, grads):
+        return self.signed.pop(t.name).abs_()
 
 
 @metric("hessian_diag", aliases=("hessian",), needs=("forward", "backward", "per_window"),
         help="Gauss-Newton (true Fisher) diagonal (1/N) sum_t J_t^T (diag p_t - p_t p_t^T) J_t, estimated with "
              "labels sampled from the model (--curvature-samples per window)",
         unit="Gauss–Newton diag (nats / weight unit²)")
-def hessian_diag(model, targets, windows, batch_size, ctx: MetricContext) -> Scores:
-    samples = ctx.curvature_samples
-    n_tokens = ctx.n_windows * (windows.shape[1] - 1)
-    device = input_device(model)
-    with grad_accumulators(targets, square=True) as acc:
-        for i, window in enumerate(batches(windows, 1, device, "hessian_diag")):
-            # one label stream per window (by its index over all ranks), so that a window's labels
-            # do not depend on which rank scores it or on the windows before it
-            logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
-            # on the logits' device: under a device map the head may not sit where the inputs went
-            gen = torch_generator(ctx.seed, f"mc_labels:{ctx.window_offset + i}", device=logits.device)
-            probs = torch.softmax(logits.detach(), dim=-1)
-            for s in range(samples):
-                y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-                F.cross_entropy(logits, y, reduction="sum").backward(retain_graph=s < samples - 1)
-            del logits, probs
-    distributed.all_reduce_sum(acc.values())
-    return {name: a.div_(n_tokens * samples) for name, a in acc.items()}
+class HessianDiag(Collector):
+    def own_passes(self, model, targets, windows, batch_size) -> None:
+        ctx, samples = self.ctx, self.ctx.curvature_samples
+        self.n = ctx.n_windows * (windows.shape[1] - 1) * samples
+        device = input_device(model)
+        with grad_accumulators(targets, square=True) as acc:
+            for i, window in enumerate(batches(windows, 1, device, "hessian_diag")):
+                # one label stream per window (by its index over all ranks), so that a window's labels
+                # do not depend on which rank scores it or on the windows before it
+                logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+                # on the logits' device: under a device map the head may not sit where the inputs went
+                gen = torch_generator(ctx.seed, f"mc_labels:{ctx.window_offset + i}", device=logits.device)
+                probs = torch.softmax(logits.detach(), dim=-1)
+                for s in range(samples):
+                    y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+                    F.cross_entropy(logits, y, reduction="sum").backward(retain_graph=s < samples - 1)
+                del logits, probs
+        self.acc = acc
+
+    def reduce(self) -> None:
+        distributed.all_reduce_sum(self.acc.values())
+
+    def score(self, t, grads):
+        return self.acc.pop(t.name).div_(self.n)

@@ -1,10 +1,11 @@
-"""``magnitude``: ``|w|``, the data-free baseline every other metric should beat."""
+"""``magnitude``: ``|w|``, the data-free baseline every other metric should beat (no pass)."""
 
 from __future__ import annotations
 
-from esa.metrics.registry import Scores, metric
+from esa.metrics.registry import Collector, metric
 
 
 @metric("magnitude", aliases=("weight_magnitude",), needs=(), help="|w|", unit="|w| (weight units)")
-def magnitude(model, targets, windows, batch_size, ctx) -> Scores:
-    return {t.name: t.param.detach().float().abs() for t in targets}
+class Magnitude(Collector):
+    def score(self, t, grads):
+        return t.param.detach().float().abs()

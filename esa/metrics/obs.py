@@ -21,16 +21,15 @@ Llama-3.1-8B, so score a subset with --include there).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from esa.metrics.activation import broadcast_ids, hooked_use
-from esa.metrics.registry import Scores, metric
+from esa.metrics.registry import Collector, metric
 from esa.model import distributed
-from esa.model.forward import batches
-from esa.model.introspect import input_device
 from esa.model.targets import Target
-
-DEFAULT_DAMP = 0.01
 
 
 def can_score(t: Target) -> str | None:
@@ -58,58 +57,76 @@ def inverse_diagonal(h_sum: torch.Tensor, n: int, damp: float) -> tuple[torch.Te
         help="w_ij^2 / [H^-1]_jj with H = 2 X^T X / n + damp (--obs-damp) per linear input (Optimal Brain Surgeon "
              "saliency as in SparseGPT, Frantar & Alistarh 2023)",
         unit="w²/[H⁻¹]ⱼⱼ (weight units² × activation units²; OBS)")
-def obs(model, targets, windows, batch_size, ctx) -> Scores:
-    sums: dict[tuple[str, int], torch.Tensor] = {}
-    handles = []
-    n_tokens = [0]
-    batch_shape: list[torch.Size] = []  # the forward in progress (position ids [1, L] count once per window)
+class OBS(Collector):
+    observes = True
 
-    def make_hook(key: tuple[str, int], kind: str, size: int):
-        def hook(module, inputs, output) -> None:
-            x = inputs[0]
-            if kind == "embedding":  # one-hot inputs: X^T X is diagonal, the token counts
-                ids = broadcast_ids(x, batch_shape[-1])
-                sums[key].add_(torch.bincount(ids.flatten(), minlength=size).to(sums[key].dtype))
-            else:
-                x = x.detach().reshape(-1, x.shape[-1]).double()
-                sums[key].addmm_(x.T, x)
-        return hook
+    @contextlib.contextmanager
+    def observe(self, model, targets) -> Iterator[None]:
+        self.sums: dict[tuple[str, int], torch.Tensor] = {}
+        self.n_tokens = 0
+        self.last: tuple[torch.Tensor, int, torch.Tensor] | None = None  # gram's cache: input, version, XᵀX
+        self.batch_shape: list[torch.Size] = []  # the forward in progress (position ids [1, L] count once per window)
+        sums, batch_shape = self.sums, self.batch_shape
 
-    try:
-        for t in targets:
-            for i, use in enumerate(t.uses):
-                size = t.shape[use.in_axis]
-                shape = (size,) if use.kind == "embedding" else (size, size)
-                # float64: the inverse amplifies rounding by H's condition number, so fp32 sums would make
-                # the scores depend on the batch order (and on the number of ranks) beyond fp32 rounding
-                sums[(t.name, i)] = torch.zeros(shape, dtype=torch.float64, device=t.param.device)
-                handles.append(use.module.register_forward_hook(make_hook((t.name, i), use.kind, size)))
-        with torch.no_grad():
-            for batch in batches(windows, batch_size, input_device(model), "obs"):
-                n_tokens[0] += batch.numel()
-                batch_shape.append(batch.shape)
-                model(input_ids=batch, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    (n,) = distributed.all_reduce_floats([float(n_tokens[0])])
-    distributed.all_reduce_sum(sums.values())
-    damp = getattr(ctx, "obs_damp", DEFAULT_DAMP)
-    out: Scores = {}
-    for t in targets:
+        def make_hook(key: tuple[str, int], kind: str, size: int):
+            def hook(module, inputs, output) -> None:
+                x = inputs[0]
+                if kind == "embedding":  # one-hot inputs: X^T X is diagonal, the token counts
+                    ids = broadcast_ids(x, batch_shape[-1])
+                    sums[key].add_(torch.bincount(ids.flatten(), minlength=size).to(sums[key].dtype))
+                else:
+                    sums[key].add_(self.gram(x))
+            return hook
+
+        handles = []
+        try:
+            for t in targets:
+                for i, use in enumerate(t.uses):
+                    size = t.shape[use.in_axis]
+                    shape = (size,) if use.kind == "embedding" else (size, size)
+                    # float64: the inverse amplifies rounding by H's condition number, so fp32 sums would make
+                    # the scores depend on the batch order (and on the number of ranks) beyond fp32 rounding
+                    sums[(t.name, i)] = torch.zeros(shape, dtype=torch.float64, device=t.param.device)
+                    handles.append(use.module.register_forward_hook(make_hook((t.name, i), use.kind, size)))
+            yield
+        finally:
+            self.last = None
+            for h in handles:
+                h.remove()
+
+    def gram(self, x: torch.Tensor) -> torch.Tensor:
+        """XᵀX (float64) of one module input; q/k/v (gate/up) projections read the same tensor, so
+        its product is made once and reused while the tensor is unchanged (same values, same sums)."""
+        if self.last is not None and self.last[0] is x and self.last[1] == x._version:
+            return self.last[2]
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        self.last = (x, x._version, flat.T @ flat)
+        return self.last[2]
+
+    def before_batch(self, batch) -> None:
+        self.last = None  # the previous forward's inputs are gone
+        self.n_tokens += batch.numel()
+        self.batch_shape.append(batch.shape)
+
+    def reduce(self) -> None:
+        (self.n,) = distributed.all_reduce_floats([float(self.n_tokens)])
+        distributed.all_reduce_sum(self.sums.values())
+
+    def score(self, t, grads):
+        damp, n = self.ctx.obs_damp, self.n
         w2 = t.param.detach().float().square()
         score = None
         for i, use in enumerate(t.uses):
+            h_sum = self.sums.pop((t.name, i))  # freed as soon as its tensor is scored
             if use.kind == "embedding":
-                h = sums[(t.name, i)].double() * (2.0 / n)
+                h = h_sum.double() * (2.0 / n)
                 lam = damp * float(h.mean()) if float(h.mean()) > 0 else damp
                 inv = 1.0 / (h + lam)
                 used = damp
             else:
-                inv, used = inverse_diagonal(sums[(t.name, i)], int(n), damp)
-            ctx.extra_stats.setdefault(t.name, {}).setdefault("obs_damp", []).append(used)
+                inv, used = inverse_diagonal(h_sum, int(n), damp)
+            self.ctx.extra_stats.setdefault(t.name, {}).setdefault("obs_damp", []).append(used)
             inv = inv.float()
             part = w2 / (inv[None, :] if use.in_axis == 1 else inv[:, None])
             score = part if score is None else score.add_(part)
-        out[t.name] = score
-    return out
+        return score

@@ -1,23 +1,30 @@
-"""The metric record, the metric registry and :func:`compute_scores`, the one way to score.
+"""The metric record, its :class:`Collector` protocol and the metric registry.
 
-A metric maps ``(model, targets, windows [W, L] int64, batch_size, ctx)`` to ``{target name: score}``:
-each score is an fp32 tensor with the weight's shape on the weight's device, whatever the model
-dtype.  Its :class:`Metric` record carries what the command line, the dry run and the report need
-(help text, unit, which passes it needs), so adding a metric is one module in this package that
-calls :func:`metric`; the package imports every module in it.
+A metric is a :class:`Collector` subclass registered with :func:`metric`.  It says which of the
+scoring passes it takes part in, and :mod:`esa.metrics.passes` runs each pass once for all the
+metrics of a run:
+
+* ``gradients``: shared gradient sums it reads (:data:`GRADIENTS`), accumulated in fp32 by one
+  loop that serves every metric reading them;
+* ``observes``: forward hooks (``observe``) on the shared batch forward;
+* ``own_passes``: passes no other metric can share (sampled labels, Hessian-vector products).
+
+Then ``score(t, grads)`` turns what it collected into one target's score: an fp32 tensor with the
+weight's shape on the weight's device, whatever the model dtype.  The :class:`Metric` record
+carries what the command line, the dry run and the report need (help text, unit, which passes it
+costs), so adding a metric is one module in this package; the package imports every module in it.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from esa.model import distributed
-from esa.model.introspect import assert_eval
 from esa.registry import Registry
 
 if TYPE_CHECKING:
@@ -25,6 +32,11 @@ if TYPE_CHECKING:
 
 Scores = dict[str, torch.Tensor]
 NEEDS = ("forward", "backward", "per_window", "hvp")  # what a metric costs, in passes over the data
+# The shared gradient sums (fp32, one accumulator per target weight each), over the calibration windows:
+GRADIENTS = {
+    "batch": "sum over batches of d(sum of the batch's token NLLs / N)/dw = dL/dw, L the mean token loss",
+    "window_sq": "sum over windows of (d(mean token NLL of the window)/dw)^2",
+}
 
 
 @dataclass
@@ -37,19 +49,51 @@ class MetricContext:
     hutchinson_samples: int = 16
     curvature_samples: int = 1
     obs_damp: float = 0.01  # obs: dampening λ as a fraction of mean(diag H)
+    # the forward is recomputed in backward (gradient checkpointing): forward hooks must not ride a backward pass
+    recomputes_forward: bool = False
     extra_stats: dict[str, dict] = field(default_factory=dict)
-    # Set by compute_scores: windows over all ranks (normalisations use this, not the local share)
+    # Set by the pass engine: windows over all ranks (normalisations use this, not the local share)
     # and the global index of this rank's first window (per-window random streams use it).
     n_windows: int = 0
     window_offset: int = 0
 
 
-MetricFn = Callable[[torch.nn.Module, "list[Target]", torch.Tensor, int, MetricContext], Scores]
+class Collector:
+    """One metric's part in one scoring call (a fresh instance per call, holding its accumulators).
+
+    The engine calls, in this order: ``observe`` around the shared batch forward (with
+    ``before_batch`` before each forward of a ``[B, L]`` batch), ``own_passes``, ``reduce`` (sum its
+    own accumulators over torchrun ranks), then ``score`` once per target.  ``grads(name)`` in
+    ``score`` returns that target's sum ``name`` from :data:`GRADIENTS` (already summed over ranks),
+    which the metric owns and may change in place.
+    """
+
+    gradients: tuple[str, ...] = ()
+    observes: bool = False
+
+    def __init__(self, ctx: MetricContext) -> None:
+        self.ctx = ctx
+
+    def observe(self, model: torch.nn.Module, targets: list[Target]) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def before_batch(self, batch: torch.Tensor) -> None:
+        """Called before each forward of the shared batch pass."""
+
+    def own_passes(self, model: torch.nn.Module, targets: list[Target], windows: torch.Tensor, batch_size: int
+                   ) -> None:
+        """Passes over ``windows`` (this rank's share, ``[W, L]`` int64) that no other metric shares."""
+
+    def reduce(self) -> None:
+        """Sum this metric's own accumulators over ranks (:func:`esa.model.distributed.all_reduce_sum`)."""
+
+    def score(self, t: Target, grads: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
 class Metric:
-    """One metric: its function and what the rest of the tool says about it.
+    """One metric: its collector and what the rest of the tool says about it.
 
     ``help``: one-line definition (``--help``, README); ``unit``: what a score measures (plot axes,
     recorded in config.json so the report needs no import of this package); ``needs``: a subset of
@@ -60,7 +104,7 @@ class Metric:
     """
 
     name: str
-    fn: MetricFn
+    collector: type[Collector]
     help: str
     unit: str
     needs: frozenset[str]
@@ -76,34 +120,16 @@ METRICS: Registry[Metric] = Registry("metric")
 
 
 def metric(name: str, *, help: str, unit: str, needs: tuple[str, ...], aliases: tuple[str, ...] = (),
-           can_score: Callable[[Target], str | None] | None = None) -> Callable[[MetricFn], MetricFn]:
-    """Register the decorated function as metric ``name`` (a duplicate name is an error)."""
+           can_score: Callable[[Target], str | None] | None = None
+           ) -> Callable[[type[Collector]], type[Collector]]:
+    """Register the decorated :class:`Collector` subclass as metric ``name`` (a duplicate name is an error)."""
     unknown = set(needs) - set(NEEDS)
     if unknown:
         raise ValueError(f"metric {name!r}: unknown needs {sorted(unknown)}; choose from {', '.join(NEEDS)}")
 
-    def deco(fn: MetricFn) -> MetricFn:
-        METRICS.add(name, Metric(name, fn, help, unit, frozenset(needs), aliases, can_score), aliases)
-        return fn
+    def deco(cls: type[Collector]) -> type[Collector]:
+        if set(cls.gradients) - set(GRADIENTS):
+            raise ValueError(f"metric {name!r}: unknown gradients {sorted(set(cls.gradients) - set(GRADIENTS))}")
+        METRICS.add(name, Metric(name, cls, help, unit, frozenset(needs), aliases, can_score), aliases)
+        return cls
     return deco
-
-
-def compute_scores(metric: str, model: torch.nn.Module, targets: list[Target], windows: torch.Tensor,
-                   batch_size: int, ctx: MetricContext | None = None) -> Scores:
-    """Score every target weight with ``metric`` on calibration ``windows`` ``[W, L]`` (int64).
-
-    Under torchrun each rank passes the same ``windows`` and scores its own contiguous share; the
-    metrics sum their fp32 accumulators over ranks (:func:`esa.model.distributed.all_reduce_sum`) before
-    finishing, so every rank returns the scores of all ``W`` windows.
-    """
-    assert_eval(model)
-    ctx = ctx or MetricContext()
-    local, offset = distributed.shard(windows)
-    ctx.n_windows, ctx.window_offset = len(windows), offset
-    scores = METRICS[metric].fn(model, targets, local, batch_size, ctx)
-    for name, s in scores.items():
-        # scores are >= 0, so one float64 sum is finite exactly when every entry is (NaN and inf
-        # propagate, and no float64 sum of finite fp32 values overflows); no bool tensor needed
-        if not math.isfinite(float(s.sum(dtype=torch.float64))):
-            raise FloatingPointError(f"non-finite {metric} scores in {name}")
-    return scores

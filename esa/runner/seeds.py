@@ -64,7 +64,8 @@ def score_seed(ctx: RunContext, seed: int, write_stats: bool) -> SeedResult:
     log.info("seed %d: scoring %d target tensors with %s on %d calibration windows", seed, len(targets),
              cfg.metric, len(windows))
     mctx = MetricContext(seed=seed, hutchinson_samples=cfg.hutchinson_samples,
-                         curvature_samples=cfg.curvature_samples, obs_damp=cfg.obs_damp)
+                         curvature_samples=cfg.curvature_samples, obs_damp=cfg.obs_damp,
+                         recomputes_forward=cfg.gradient_checkpointing)
     with manifest.phase("scoring"), (checkpointed_blocks(model) if cfg.gradient_checkpointing
                                       else contextlib.nullcontext()):
         scores = compute_scores(cfg.metric, model, targets, windows, cfg.batch_size, mctx)
