@@ -25,9 +25,10 @@ from esa.model.targets import SCOPES
 from esa.naming import compile_patterns
 from esa.outdir.layout import default_out_dir, model_slug
 
-MODES = ("per_layer", "global")
+MODES = ("per_layer", "per_row", "global")
 __all__ = ["CONTROLS", "DATASETS", "DEVICES", "DTYPES", "EMBEDDED_MODEL", "METRICS", "MODES", "PERTURBATIONS",
-           "RunConfig", "canonical", "default_run_dir", "parse_controls", "parse_seeds", "parse_topk_sweep", "validate"]
+           "RunConfig", "canonical", "default_run_dir", "parse_controls", "parse_metrics", "parse_seeds",
+           "parse_topk_sweep", "validate"]
 
 
 def canonical(value: str, choices: Iterable[str], aliases: Mapping[str, str], what: str) -> str:
@@ -83,6 +84,19 @@ def parse_controls(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def parse_metrics(text: str) -> tuple[str, ...]:
+    """Parse ``"grad_x_weight,act_mag"`` (aliases allowed) into canonical names, in the given order;
+    naming a metric twice (also through an alias) is an error."""
+    parts = [p for p in (q.strip() for q in text.split(",")) if p]
+    if not parts:
+        raise UsageError("--metric is empty; name one or more metrics, comma-separated")
+    names = tuple(canonical(p, METRICS.names(), METRICS.aliases(), "--metric") for p in parts)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"--metric names {', '.join(twice)} more than once ({text!r})")
+    return names
+
+
 @dataclass(frozen=True)
 class RunConfig(ModelSpec):
     """Everything a run needs, with canonical names. ``*_explicit`` record user intent."""
@@ -90,7 +104,7 @@ class RunConfig(ModelSpec):
     device_map: str | None = None  # "auto": accelerate's big-model dispatch over the GPUs (and CPU with offload)
     offload: bool = False
     gradient_checkpointing: bool = False
-    metric: str = "grad_x_weight"
+    metrics: tuple[str, ...] = ("grad_x_weight",)  # --metric a,b,c: scored in one pass, reported per metric
     mode: str = "per_layer"
     topk: int = 100
     topk_sweep: tuple[int, ...] = ()  # extra k values for the dose-response curve (ascending); --topk stays main
@@ -125,18 +139,38 @@ class RunConfig(ModelSpec):
     verbose: bool = False
     extra: dict = field(default_factory=dict)
 
+    @property
+    def metric(self) -> str:
+        """The metric of a single-metric configuration (see :meth:`for_metric`); a multi-metric
+        configuration has none, and asking for it is a programming error."""
+        if len(self.metrics) != 1:
+            raise ValueError(f"a run of {len(self.metrics)} metrics has no single metric; use cfg.for_metric(name)")
+        return self.metrics[0]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.metrics) > 1
+
+    def for_metric(self, name: str) -> RunConfig:
+        """This configuration with only metric ``name``: what a single-metric run of it would be."""
+        return dataclasses.replace(self, metrics=(name,))
+
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("extra")
+        d["metrics"] = list(self.metrics)
+        d["metric"] = ",".join(self.metrics)  # the single name of a single-metric run (what readers use)
         return d
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
-    """``outputs/<model>_<metric>_<mode>_k<k>[_<perturb>]_<timestamp>``: an ESA run's default --out-dir."""
-    return default_out_dir(model_slug(cfg.model), cfg.metric, cfg.mode, f"k{cfg.topk}", *filter(None, [cfg.perturb]))
+    """``outputs/<model>_<metric>[+<metric>...]_<mode>_k<k>[_<perturb>]_<timestamp>``: an ESA run's default
+    --out-dir."""
+    return default_out_dir(model_slug(cfg.model), "+".join(cfg.metrics), cfg.mode, f"k{cfg.topk}",
+                           *filter(None, [cfg.perturb]))
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -178,8 +212,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.device_map is not None and distributed.requested():
         raise UsageError("--device-map auto cannot be combined with torchrun: each rank would spread its own "
                          "copy over all GPUs; use one or the other")
-    if cfg.gradient_checkpointing and "backward" not in METRICS[cfg.metric].needs:
-        raise UsageError(f"--gradient-checkpointing only applies to gradient metrics, not {cfg.metric}")
+    if not cfg.metrics:
+        raise UsageError("--metric is empty; name one or more metrics, comma-separated")
+    if cfg.gradient_checkpointing and not any("backward" in METRICS[m].needs for m in cfg.metrics):
+        raise UsageError(f"--gradient-checkpointing only applies to gradient metrics, not {', '.join(cfg.metrics)}")
     if cfg.detect_super_weights:
         if not (cfg.super_weight_threshold > 1.0 and cfg.super_weight_threshold != float("inf")):
             raise UsageError("--super-weight-threshold must be a finite number > 1 (a multiple of the median), "

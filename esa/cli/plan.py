@@ -76,7 +76,7 @@ def runner_plan(cfg: RunConfig) -> str:
         ("model", model),
         ("device", f"{choice.device}   dtype: {choice.dtype}" + _scale_out(cfg)),
         ("data", f"{data_plan(cfg)}; windows of {cfg.max_length} tokens, batch {cfg.batch_size}"),
-        ("metric", f"{cfg.metric}   mode: {cfg.mode}   k: {cfg.topk}"),
+        ("metric" if not cfg.multi else "metrics", f"{', '.join(cfg.metrics)}   mode: {cfg.mode}   k: {cfg.topk}"),
         ("seeds", f"{', '.join(map(str, cfg.seeds))} (primary {cfg.seeds[0]})"
          + ("; stability check" if cfg.stability_check else "")),
         ("perturb", perturb),

@@ -12,9 +12,11 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     """Redraw every plot and rewrite report.md of ``OUT_DIR``; the exit code (2: not a folder)."""
-    from esa.reporting import (
+    from esa.outdir.readers import read_json
+    from esa.reporting import (  # matplotlib only when re-plotting
+        metrics_report,
         plots,
-        report_md,  # matplotlib only when re-plotting
+        report_md,
     )
 
     args = sys.argv[1:] if argv is None else argv
@@ -22,7 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m esa.report OUT_DIR", file=sys.stderr)
         return 2
     out_dir = Path(args[0])
-    for path in plots.make_plots(out_dir):
+    config = read_json(out_dir, "config.json")
+    parts = list(metrics_report.metric_dirs(out_dir, config).values()) if metrics_report.is_multi(config) else []
+    for part in parts:  # a multi-metric run: each metric's folder is a single-metric out-dir
+        for path in plots.make_plots(part):
+            print(path)
+        print(report_md.write_report(part))
+    for path in [metrics_report.agreement_heatmap(out_dir)] if parts else plots.make_plots(out_dir):
         print(path)
     print(report_md.write_report(out_dir))
     return 0

@@ -23,6 +23,7 @@ from esa.config import (
     RunConfig,
     canonical,
     parse_controls,
+    parse_metrics,
     parse_seeds,
     parse_topk_sweep,
     validate,
@@ -66,10 +67,14 @@ def build_parser() -> Parser:
     g.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     g = p.add_argument_group("scoring and selection")
     g.add_argument("--metric", default="grad_x_weight",
-                   help=f"sensitivity metric: {', '.join(METRICS)} (aliases such as activation_magnitude -> "
+                   help=f"sensitivity metric, or a comma list of them scored in one pass (shared forward and "
+                        f"backward passes; per-metric results under OUT_DIR/metrics/<name>/, their agreement in "
+                        f"metric_agreement.json): {', '.join(METRICS)} (aliases such as activation_magnitude -> "
                         "act_mag are accepted). " + _catalogue(METRICS))
     g.add_argument("--mode", choices=MODES, default="per_layer",
-                   help="per_layer: k highest scores in each target tensor; global: k highest overall")
+                   help="per_layer: k highest scores in each target tensor; per_row: k highest in each output row "
+                        "of each tensor (Wanda's comparison group; per expert and row for fused experts); global: "
+                        "k highest overall")
     g.add_argument("--topk", type=int, default=100, help="k")
     g.add_argument("--hutchinson-samples", type=int, default=16,
                    help="Rademacher probes for hutchinson_diag (one Hessian-vector product each)")
@@ -129,7 +134,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     return RunConfig(
         **model_spec_args(ns),
         device_map=ns.device_map, offload=ns.offload, gradient_checkpointing=ns.gradient_checkpointing,
-        metric=canonical(ns.metric, METRICS.names(), METRICS.aliases(), "--metric"),
+        metrics=parse_metrics(ns.metric),
         mode=ns.mode, topk=ns.topk, topk_sweep=parse_topk_sweep(ns.topk_sweep),
         perturb=canonical(ns.perturb, PERTURBATIONS.names(), PERTURBATIONS.aliases(), "--perturb") if ns.perturb
         else None,

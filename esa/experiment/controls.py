@@ -1,10 +1,12 @@
 """Controls: selections with the Top-K's structure that a hypothesis test compares it against.
 
-``per_layer`` -> k per tensor, ``global`` -> k overall, like the Top-K.  A control is a function
-``(scores, names, k, mode, top, rng) -> Selection`` registered in :data:`CONTROLS` with its record:
+``per_layer`` -> k per tensor, ``per_row`` -> k per output row, ``global`` -> k overall, like the
+Top-K.  A control is a function ``(scores, names, k, mode, top, rng) -> Selection`` registered in
+:data:`CONTROLS` with its record:
 
 * ``random_k``: drawn uniformly (seeded numpy Generator) from the weights *not* in the Top-K: per
-  tensor for ``per_layer``, over all target weights (so larger tensors get more) for ``global``.
+  tensor for ``per_layer``, per row for ``per_row``, over all target weights (so larger tensors get
+  more) for ``global``.
 * ``bottom_k``: the k lowest scores (same tie-break as the Top-K, ascending) among the weights the
   perturbation can change: ``zero``, ``sign_flip`` and ``gauss_noise`` leave an exact 0.0 as it is,
   so exact zeros are not eligible (otherwise the lowest scores of a gradient metric are exactly
@@ -21,12 +23,13 @@ Too few eligible weights for a control is a usage error (a degenerate control is
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from esa.errors import UsageError
+from esa.experiment.rows import as_rows, flat_indices, row_extreme_k
 from esa.experiment.selection import Selection, extreme_k, gather, merge_global
 from esa.registry import Registry
 
@@ -34,10 +37,12 @@ from esa.registry import Registry
 @dataclass(frozen=True)
 class ControlContext:
     """What a control may need beyond the scores: the weights (name -> parameter), and whether the
-    perturbation leaves exact zeros unchanged (then they are not eligible for bottom_k)."""
+    perturbation leaves exact zeros unchanged (then they are not eligible for bottom_k), and each
+    tensor's input-feature axis (``per_row``: rows are the output features)."""
 
     weights: dict[str, torch.Tensor] | None = None
     zeros_unchanged: bool = False
+    in_axes: dict[str, int | None] = field(default_factory=dict)
 
 
 ControlFn = Callable[[dict[str, torch.Tensor], list[str], int, str, Selection, np.random.Generator, ControlContext],
@@ -88,6 +93,14 @@ def sample_excluding(n: int, k: int, excluded: torch.Tensor, rng: np.random.Gene
 @control_kind("random_k", nested=False, aliases=("random",),
               help="k random weights disjoint from the Top-K (per tensor for per_layer)")
 def random_k(scores, names, k, mode, top, rng, ctx) -> Selection:
+    if mode == "per_row":  # per row: the k smallest of uniform keys, the Top-K's keys set beyond reach
+        indices = {}
+        for n in names:
+            axis, shape = ctx.in_axes.get(n), tuple(scores[n].shape)
+            keys = torch.from_numpy(rng.random(size=scores[n].numel(), dtype=np.float32))
+            keys[top.indices[n]] = 2.0
+            indices[n] = flat_indices(shape, axis, row_extreme_k(keys.reshape(shape), axis, k, largest=False))
+        return Selection("random_k", indices, gather(scores, indices), row_k=k)
     if mode == "per_layer":
         indices = {n: sample_excluding(scores[n].numel(), k, top.indices[n], rng) for n in names}
     else:
@@ -110,6 +123,16 @@ def bottom_k(scores, names, k, mode, top, rng, ctx) -> Selection:
         w = ctx.weights[name].reshape(-1).to(flat.device)
         return flat.masked_fill(w == 0, float("inf"))  # never among the k lowest while enough others exist
 
+    if mode == "per_row":
+        indices = {}
+        for n in names:
+            flat = eligible_only(n, scores[n].reshape(-1))
+            axis, shape = ctx.in_axes.get(n), tuple(scores[n].shape)
+            indices[n] = flat_indices(shape, axis, row_extreme_k(flat.reshape(shape), axis, k, largest=False))
+            if torch.isinf(flat[indices[n].to(flat.device)]).any():
+                raise UsageError(f"bottom_k is degenerate: a row of {n} has fewer than {k} weights the perturbation "
+                                 "changes (the rest are exact zeros); lower --topk or drop bottom_k from --controls")
+        return Selection("bottom_k", indices, gather(scores, indices), row_k=k)
     if mode == "per_layer":
         indices = {}
         for n in names:
@@ -138,8 +161,24 @@ def random_mag_k(scores, names, k, mode, top, rng, ctx) -> Selection:
     indices = {}
     for n in names:
         mine = top.indices.get(n, torch.zeros(0, dtype=torch.int64))
-        indices[n] = magnitude_matched(ctx.weights[n], mine, rng, n) if len(mine) else mine.clone()
-    return Selection("random_mag_k", indices, gather(scores, indices))
+        if mode == "per_row":  # matched within each row: the row's |w| ranking, the row's Top-K
+            indices[n] = per_row_matched(ctx.weights[n], ctx.in_axes.get(n), mine.reshape(-1, k), rng, n)
+        else:
+            indices[n] = magnitude_matched(ctx.weights[n], mine, rng, n) if len(mine) else mine.clone()
+    return Selection("random_mag_k", indices, gather(scores, indices), row_k=k if mode == "per_row" else 0)
+
+
+def per_row_matched(weight: torch.Tensor, in_axis: int | None, top: torch.Tensor, rng: np.random.Generator,
+                    name: str) -> torch.Tensor:
+    """:func:`magnitude_matched` row by row; ``top`` ``[rows, k]`` flat indices; returns ``[rows, k]``
+    flattened, each row's draws sorted."""
+    shape = tuple(weight.shape)
+    pos = as_rows(torch.arange(weight.numel()).reshape(shape), in_axis)  # flat index of each (row, column)
+    rows = as_rows(weight.detach(), in_axis)
+    col_of = torch.empty(weight.numel(), dtype=torch.int64)
+    col_of[pos.reshape(-1)] = torch.arange(pos.shape[1]).repeat(pos.shape[0])
+    out = [pos[r][magnitude_matched(rows[r], col_of[top[r]], rng, name)] for r in range(len(top))]
+    return torch.cat(out)
 
 
 def magnitude_matched(weight: torch.Tensor, chosen: torch.Tensor, rng: np.random.Generator, name: str

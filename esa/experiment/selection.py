@@ -16,15 +16,20 @@ import numpy as np
 import torch
 
 from esa.errors import UsageError
+from esa.experiment.rows import flat_indices, row_extreme_k, row_length
 
 
 @dataclass(frozen=True)
 class Selection:
-    """Chosen weights: per target name, flat indices (int64, cpu) and their scores (fp32, cpu)."""
+    """Chosen weights: per target name, flat indices (int64, cpu) and their scores (fp32, cpu).
+
+    ``row_k``: for a ``per_row`` selection, the number per row; its indices are then ``[rows, row_k]``
+    flattened (rows in order, each row's in rank order)."""
 
     kind: str
     indices: dict[str, torch.Tensor]
     scores: dict[str, torch.Tensor]
+    row_k: int = 0
 
     @property
     def size(self) -> int:
@@ -48,8 +53,8 @@ class Selection:
         return [(order[int(tid[j])], int(idx[j]), float(sc[j])) for j in perm]
 
     def prefix(self, k: int, mode: str, order: list[str]) -> Selection:
-        """The first ``k`` of this selection in its rank order: per tensor for ``per_layer``, overall
-        for ``global`` (``order`` = target names in order).
+        """The first ``k`` of this selection in its rank order: per tensor for ``per_layer``, per row for
+        ``per_row``, overall for ``global`` (``order`` = target names in order).
 
         Under the total order (score, target order, flat index) the Top-K sets are nested, so the
         prefix *is* the selection for the smaller k, with the same stored order, at O(k) cost instead
@@ -58,6 +63,11 @@ class Selection:
         if mode == "per_layer":
             return Selection(self.kind, {n: i[:k] for n, i in self.indices.items()},
                              {n: s[:k] for n, s in self.scores.items()})
+        if mode == "per_row":
+            def cut(v: torch.Tensor) -> torch.Tensor:
+                return v.reshape(-1, self.row_k)[:, :k].reshape(-1)
+            return Selection(self.kind, {n: cut(i) for n, i in self.indices.items()},
+                             {n: cut(s) for n, s in self.scores.items()}, row_k=k)
         idx: dict[str, list[int]] = {n: [] for n in self.indices}
         pos_of: dict[str, list[int]] = {}
         for name, i, _score in self.ranked(order)[:k]:
@@ -114,11 +124,18 @@ def gather(scores: dict[str, torch.Tensor], indices: dict[str, torch.Tensor]) ->
 
 
 def check_k(mode: str, k: int, sizes: dict[str, int], need: int, flag: str = "--topk") -> None:
-    """Raise UsageError unless ``need * k`` weights fit (per tensor for per_layer, overall for global).
+    """Raise UsageError unless ``need * k`` weights fit (per tensor for per_layer, per row for per_row,
+    overall for global).
 
-    ``sizes`` = weight count per target; ``need`` = 2 when random_k must be drawn disjoint from the Top-K.
+    ``sizes`` = weight count per target (per_row: weights per row); ``need`` = 2 when random_k must be
+    drawn disjoint from the Top-K.
     """
-    if mode == "per_layer":
+    if mode == "per_row":
+        small = min(sizes, key=sizes.get)
+        if sizes[small] < need * k:
+            raise UsageError(f"{flag} {k} (per_row) is too large: the rows of {small} hold only {sizes[small]} weights"
+                             + (" and the controls need as many again" if need > 1 else ""))
+    elif mode == "per_layer":
         small = min(sizes, key=sizes.get)
         if sizes[small] < need * k:
             raise UsageError(f"{flag} {k} (per_layer) is too large: {small} has only {sizes[small]} weights"
@@ -128,8 +145,16 @@ def check_k(mode: str, k: int, sizes: dict[str, int], need: int, flag: str = "--
                          + (" and the controls need as many again" if need > 1 else ""))
 
 
-def top_k(scores: dict[str, torch.Tensor], names: list[str], k: int, mode: str, need: int = 1) -> Selection:
-    """The Top-K of ``scores`` (``names`` in target order). ``need=2`` reserves room for controls."""
+def top_k(scores: dict[str, torch.Tensor], names: list[str], k: int, mode: str, need: int = 1,
+          in_axes: dict[str, int | None] | None = None) -> Selection:
+    """The Top-K of ``scores`` (``names`` in target order). ``need=2`` reserves room for controls;
+    ``in_axes``: each tensor's input-feature axis (``per_row`` needs it: rows are output features)."""
+    if mode == "per_row":
+        axes = in_axes or {}
+        check_k(mode, k, {n: row_length(tuple(scores[n].shape), axes.get(n)) for n in names}, need)
+        indices = {n: flat_indices(tuple(scores[n].shape), axes.get(n), row_extreme_k(scores[n], axes.get(n), k))
+                   for n in names}
+        return Selection("top_k", indices, gather(scores, indices), row_k=k)
     check_k(mode, k, {n: scores[n].numel() for n in names}, need)
     if mode == "per_layer":
         indices = {n: extreme_k(scores[n].reshape(-1), k).cpu() for n in names}

@@ -15,7 +15,7 @@ recorded per tensor in sensitivity_stats.json (never a crash, never NaN).
   are excluded with a warning and listed in the coverage record.
 
 Memory: one float64 ``in × in`` matrix per Linear/Conv1D use, Σ in² · 8 bytes (float64 because
-the inverse amplifies rounding by H's condition number; about 1 GB for SmolLM2-135M, 58 GB for
+the inverse amplifies rounding by H's condition number; about 1 GB for SmolLM2-135M, 78 GB for
 Llama-3.1-8B, so score a subset with --include there).
 """
 

@@ -73,3 +73,18 @@ class Manifest:
         self.data["error"] = error
         self.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.save()
+
+
+class ScopedManifest:
+    """A view of a :class:`Manifest` for the files of one part of the out-dir (a metric's folder of a
+    multi-metric run): ``add_file`` records names under ``prefix``; everything else is the manifest's."""
+
+    def __init__(self, manifest: Manifest, prefix: str) -> None:
+        self.manifest = manifest
+        self.prefix = prefix
+
+    def add_file(self, name: str) -> None:
+        self.manifest.add_file(self.prefix + name)
+
+    def __getattr__(self, attr: str):
+        return getattr(self.manifest, attr)

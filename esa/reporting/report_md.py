@@ -14,7 +14,7 @@ from pathlib import Path
 
 from esa.outdir.atomic import atomic_write_text
 from esa.outdir.readers import read_json
-from esa.reporting import summary
+from esa.reporting import metrics_report, summary
 from esa.reporting.format import count_text, num, ratio_text, sci, verb
 from esa.reporting.plots import PLOTS
 
@@ -148,8 +148,10 @@ def build_report(out_dir: Path) -> str:
 
 
 def write_report(out_dir: Path) -> Path:
-    """Write ``OUT_DIR/report.md`` atomically from the out-dir's files; returns its path."""
+    """Write ``OUT_DIR/report.md`` atomically from the out-dir's files (a multi-metric run's combined
+    report: :mod:`esa.reporting.metrics_report`); returns its path."""
     out_dir = Path(out_dir)
     dest = out_dir / "report.md"
-    atomic_write_text(dest, build_report(out_dir))
+    multi = metrics_report.is_multi(read_json(out_dir, "config.json"))
+    atomic_write_text(dest, metrics_report.build_report(out_dir) if multi else build_report(out_dir))
     return dest

@@ -67,9 +67,9 @@ def markdown(table: Table) -> list[str]:
 
 
 def text(table: Table) -> list[str]:
-    """Aligned plain-text columns (Markdown emphasis dropped)."""
+    """Aligned plain-text columns (Markdown emphasis and code marks dropped)."""
     head, rows = table
-    cells = [head] + [[c.replace("**", "") for c in r] for r in rows]
+    cells = [head] + [[c.replace("**", "").replace("`", "") for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
     return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
             for r in cells]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,9 @@ from esa.config import RunConfig
 from esa.data import TokenData
 from esa.model.device import DeviceChoice
 from esa.model.targets import Target
-from esa.outdir.manifest import Manifest
+from esa.outdir.manifest import Manifest, ScopedManifest
+
+METRICS_DIR = "metrics"  # a multi-metric run's per-metric folders: OUT_DIR/metrics/<name>/
 
 
 @dataclass
@@ -29,12 +32,22 @@ class RunContext:
     targets: list[Target]
     data: TokenData
     out_dir: Path
-    manifest: Manifest
+    manifest: Manifest | ScopedManifest
     is_main: bool
     coverage: dict = field(default_factory=dict)  # esa.model.targets.coverage of the run
+    evaluated: dict[str, dict] = field(default_factory=dict)  # evaluation key -> row (shared by the views)
     names: list[str] = field(init=False)
     by_name: dict[str, Target] = field(init=False)
 
     def __post_init__(self) -> None:
         self.names = [t.name for t in self.targets]
         self.by_name = {t.name: t for t in self.targets}
+
+    def view(self, metric: str) -> RunContext:
+        """What a single-metric run of ``metric`` would see: its configuration, and its own folder
+        ``metrics/<metric>/`` when the run has several metrics (the run's own out-dir otherwise)."""
+        if not self.cfg.multi:
+            return self
+        prefix = f"{METRICS_DIR}/{metric}/"
+        return dataclasses.replace(self, cfg=self.cfg.for_metric(metric), out_dir=self.out_dir / METRICS_DIR / metric,
+                                   manifest=ScopedManifest(self.manifest, prefix))

@@ -3,6 +3,7 @@ evaluated on the fixed evaluation windows and restored; then the cross-seed stat
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from esa.analysis import significance
@@ -51,19 +52,41 @@ def evaluate_sweep(ctx: RunContext, result: SeedResult, base: dict, primary: dic
     return out
 
 
+def evaluation_key(sel: selection.Selection, stream: str, cfg: RunConfig) -> str:
+    """What an evaluated condition's row depends on: the perturbation and its settings, the random
+    stream, and the selected weights in their stored order (a Gaussian draw follows that order)."""
+    h = hashlib.sha256(repr((cfg.perturb, cfg.perturb_scale, cfg.perturb_prob, cfg.bit_index, stream)).encode())
+    for name in sorted(sel.indices):
+        h.update(name.encode() + b"\0" + sel.indices[name].numpy().tobytes())
+    return h.hexdigest()
+
+
 def _evaluate(ctx: RunContext, seed: int, conds: list[tuple[str, selection.Selection]], base: dict,
               stream_suffix: str = "") -> dict:
-    """Perturb each selection in place, measure perplexity, restore; rows keyed by condition name."""
+    """Perturb each selection in place, measure perplexity, restore; rows keyed by condition name.
+
+    A condition whose selection, stream and perturbation equal one already evaluated in this run
+    (another metric's identical random_k, say) reuses that row: the model is restored bit-exactly
+    after each condition and the evaluation windows are fixed, so re-running it would give the
+    same numbers."""
     cfg = ctx.cfg
     with ctx.manifest.phase("evaluation"):
         conditions = {}
         for name, sel in conds:
-            gen = torch_generator(seed, f"perturb:{name}{stream_suffix}")
+            stream = f"perturb:{name}{stream_suffix}"
+            key = evaluation_key(sel, f"{seed}:{stream}", cfg)
+            if key in ctx.evaluated:
+                conditions[name] = dict(ctx.evaluated[key])
+                log.info("seed %d %s: the same weights as an evaluated condition (perplexity %s), not re-run", seed,
+                         name, conditions[name].get("ppl"))
+                continue
+            gen = torch_generator(seed, stream)
             with perturbed(ctx.by_name, sel, cfg.perturb, cfg.perturb_scale, cfg.perturb_prob, gen,
                            cfg.bit_index) as info:
                 row = perplexity_row(ctx.model, ctx.data.eval_windows, cfg.batch_size, base["ppl"],
                                      f"seed {seed} {name}")
             conditions[name] = {**row, **info}
+            ctx.evaluated[key] = conditions[name]
             if info["n_changed"] < info["n_perturbed"]:
                 log.warning("%s: only %d of %d perturbed weights changed value (the others are exactly 0, "
                             "which %s leaves unchanged)", name, info["n_changed"], info["n_perturbed"], cfg.perturb)

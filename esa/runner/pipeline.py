@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from esa.analysis.agreement import agreement_summary
 from esa.analysis.stability import stability_summary
 from esa.config import RunConfig, default_run_dir
 from esa.data import load_data
@@ -23,7 +24,7 @@ from esa.model.device import DeviceChoice, resolve_device
 from esa.model.targets import Target, coverage, find_targets
 from esa.outdir.layout import prepare_out_dir
 from esa.outdir.manifest import Manifest
-from esa.reporting import plots, report_md, summary
+from esa.reporting import metrics_report, plots, report_md, summary
 from esa.reporting.superweights import format_table, write_super_weights
 from esa.runner import records
 from esa.runner.context import RunContext
@@ -95,50 +96,82 @@ def warn_partial_coverage(cfg: RunConfig, cov: dict) -> bool:
 
 
 def scorable_targets(cfg: RunConfig, model) -> tuple[list[Target], dict[str, str]]:
-    """The targets of ``--targets``/``--include``/``--exclude`` that the metric can score, and the
-    ones it cannot (name -> reason, warned about and recorded, never dropped silently)."""
+    """The targets of ``--targets``/``--include``/``--exclude`` that every metric of the run can score,
+    and the ones some metric cannot (name -> reason, warned about and recorded, never dropped
+    silently).  Several metrics score the same weights, so that their Top-Ks can be compared."""
     found = find_targets(model, cfg.include, cfg.exclude, cfg.targets)
-    can = METRICS[cfg.metric].can_score or (lambda t: None)
-    excluded = {t.name: f"{cfg.metric}: {why}" for t in found if (why := can(t)) is not None}
+    excluded: dict[str, str] = {}
+    for m in cfg.metrics:
+        can = METRICS[m].can_score or (lambda t: None)
+        for t in found:
+            if t.name not in excluded and (why := can(t)) is not None:
+                excluded[t.name] = f"{m}: {why}"
     if excluded:
-        log.warning("%s cannot score %d tensor(s), excluded: %s", cfg.metric, len(excluded),
+        log.warning("%s cannot score %d tensor(s), excluded: %s", ", ".join(cfg.metrics), len(excluded),
                     ", ".join(list(excluded)[:5]) + (" ..." if len(excluded) > 5 else ""))
     targets = [t for t in found if t.name not in excluded]
     if not targets:
-        raise UsageError(f"{cfg.metric} can score none of the selected weights ({next(iter(excluded.values()))})")
+        raise UsageError(f"{', '.join(cfg.metrics)} can score none of the selected weights "
+                         f"({next(iter(excluded.values()))})")
     return targets, excluded
 
 
 def _run(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manifest: Manifest, is_main: bool) -> dict:
     with manifest.recording():
         ctx = _load(cfg, choice, device, out_dir, manifest, is_main)
+        views = {m: ctx.view(m) for m in cfg.metrics}
         if is_main:
-            records.write_config(ctx)
-            manifest.add_file("config.json")
-        results = [score_seed(ctx, s, write_stats=(i == 0 and is_main)) for i, s in enumerate(cfg.seeds)]
-        stab = None
-        if cfg.stability_check and len(results) >= 2:
-            stab = stability_summary([r.top.indices for r in results], list(cfg.seeds), cfg.topk, cfg.metric,
-                                     cfg.mode)
-            log.info("Mean Jaccard overlap: %.3f", stab["jaccard_mean"])
-        rows = _write_selections(ctx, results, stab) if is_main else []
+            for view in ({ctx.out_dir: ctx} | {v.out_dir: v for v in views.values()}).values():
+                view.out_dir.mkdir(parents=True, exist_ok=True)
+                records.write_config(view)
+                view.manifest.add_file("config.json")
+        seeds = [score_seed(ctx, s, write_stats=(i == 0 and is_main)) for i, s in enumerate(cfg.seeds)]
+        results = {m: [s.results[m] for s in seeds] for m in cfg.metrics}
+        stab = {m: _stability(views[m], results[m]) for m in cfg.metrics}
+        rows = {m: _write_selections(views[m], results[m], stab[m]) if is_main else [] for m in cfg.metrics}
+        agreement = None
+        if cfg.multi:
+            agreement = agreement_summary(list(cfg.metrics), list(cfg.seeds), cfg.topk, cfg.mode,
+                                          {str(s): r.agreement for s, r in zip(cfg.seeds, seeds)})
+            if is_main:
+                records.write_json(out_dir / "metric_agreement.json", agreement)
+                manifest.add_file("metric_agreement.json")
         sw = None
         if cfg.detect_super_weights:
             with manifest.phase("super_weights"):
-                sw = super_weights(ctx, results)
+                detected = detect_super_weights(ctx)
+            sw = {m: with_overlap(views[m], detected, results[m]) for m in cfg.metrics}
             if is_main:
-                for name in write_super_weights(sw, out_dir):
-                    manifest.add_file(name)
-        perturbation = None
+                for m, view in views.items():
+                    for name in write_super_weights(sw[m], view.out_dir):
+                        view.manifest.add_file(name)
+        perturbation = {m: None for m in cfg.metrics}
         if cfg.perturb:
             base = baseline_perplexity(ctx)
-            blocks = [evaluate_conditions(ctx, r, base) for r in results]
-            sweeps = [evaluate_sweep(ctx, r, base, b) for r, b in zip(results, blocks)] if cfg.topk_sweep else None
-            bit = resolve_bit(ctx.targets[0].param.dtype, cfg.bit_index) if cfg.perturb == "bit_flip" else None
-            perturbation = perturbation_results(cfg, ctx.data, blocks, bit, sweeps, controls_info(ctx))
+            for m, view in views.items():
+                perturbation[m] = _perturb(view, results[m], base)
         if not is_main:
-            return {"out_dir": str(out_dir), "perturbation": perturbation}
-        return _write_results(ctx, rows, stab, perturbation, sw)
+            return {"out_dir": str(out_dir), "perturbation": perturbation[cfg.metrics[0]] if not cfg.multi
+                    else perturbation}
+        return _write_results(ctx, views, rows, stab, perturbation, sw, agreement)
+
+
+def _stability(view: RunContext, results: list[SeedResult]) -> dict | None:
+    cfg = view.cfg
+    if not (cfg.stability_check and len(results) >= 2):
+        return None
+    stab = stability_summary([r.top.indices for r in results], list(cfg.seeds), cfg.topk, cfg.metric, cfg.mode)
+    log.info("Mean Jaccard overlap: %.3f (%s)", stab["jaccard_mean"], cfg.metric)
+    return stab
+
+
+def _perturb(view: RunContext, results: list[SeedResult], base: dict) -> dict:
+    """One metric's conditions (Top-K and controls) and sweep for every seed, and their statistics."""
+    cfg = view.cfg
+    blocks = [evaluate_conditions(view, r, base) for r in results]
+    sweeps = [evaluate_sweep(view, r, base, b) for r, b in zip(results, blocks)] if cfg.topk_sweep else None
+    bit = resolve_bit(view.targets[0].param.dtype, cfg.bit_index) if cfg.perturb == "bit_flip" else None
+    return perturbation_results(cfg, view.data, blocks, bit, sweeps, controls_info(view))
 
 
 def controls_info(ctx: RunContext) -> dict | None:
@@ -150,20 +183,24 @@ def controls_info(ctx: RunContext) -> dict | None:
                          "reason": f"exact zeros, which {ctx.cfg.perturb} leaves unchanged, are not drawn"}}
 
 
-def super_weights(ctx: RunContext, results: list[SeedResult]) -> dict:
+def detect_super_weights(ctx: RunContext) -> dict:
     """The data-free detector of :mod:`esa.superweights.detect` (on the prompt or the first calibration
-    windows), its ablation on the evaluation windows, and the candidates' ranks in each seed's Top-K."""
+    windows) and its ablation on the evaluation windows (once per run, whatever the metrics)."""
     cfg, data = ctx.cfg, ctx.data
     input_ids = detection_input(ctx.tokenizer, cfg.super_weight_prompt, data.calib_pool, cfg.detect_on_data)
     settings = {"model": cfg.model, "detect_on": "data" if cfg.detect_on_data else "prompt",
                 "prompt": None if cfg.detect_on_data else cfg.super_weight_prompt or DEFAULT_PROMPT,
                 "data_source": data.data_source, "eval_windows": len(data.eval_windows), "max_length": cfg.max_length}
-    sw = run_super_weights(ctx.model, input_ids, data.eval_windows, threshold=cfg.super_weight_threshold,
-                           max_super_weights=cfg.max_super_weights, batch_size=cfg.batch_size, seed=cfg.seeds[0],
-                           tokenizer=ctx.tokenizer, settings=settings)
-    sw["topk_overlap"] = {"metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk, "per_seed": {
-        str(r.seed): overlap_with_topk(sw["candidates"], r.top.ranked(ctx.names)) for r in results}}
-    return sw
+    return run_super_weights(ctx.model, input_ids, data.eval_windows, threshold=cfg.super_weight_threshold,
+                             max_super_weights=cfg.max_super_weights, batch_size=cfg.batch_size, seed=cfg.seeds[0],
+                             tokenizer=ctx.tokenizer, settings=settings)
+
+
+def with_overlap(view: RunContext, sw: dict, results: list[SeedResult]) -> dict:
+    """The detector's result with the candidates' ranks in each seed's Top-K of this metric."""
+    cfg = view.cfg
+    return {**sw, "topk_overlap": {"metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk, "per_seed": {
+        str(r.seed): overlap_with_topk(sw["candidates"], r.top.ranked(view.names)) for r in results}}}
 
 
 def _write_selections(ctx: RunContext, results: list[SeedResult], stab: dict | None) -> list[list]:
@@ -179,26 +216,43 @@ def _write_selections(ctx: RunContext, results: list[SeedResult], stab: dict | N
     return rows
 
 
-def _write_results(ctx: RunContext, rows: list[list], stab: dict | None, perturbation: dict | None,
-                   sw: dict | None) -> dict:
-    """Rank 0's remaining files: perturbation results, plots, report.md; then print the summary."""
+def _write_results(ctx: RunContext, views: dict[str, RunContext], rows: dict[str, list[list]],
+                   stab: dict[str, dict | None], perturbation: dict[str, dict | None], sw: dict[str, dict] | None,
+                   agreement: dict | None) -> dict:
+    """Rank 0's remaining files: each metric's perturbation results and plots, (several metrics) the
+    agreement heatmap, then every report.md; then print the summary."""
     cfg, out_dir, manifest = ctx.cfg, ctx.out_dir, ctx.manifest
-    if perturbation is not None:
-        records.write_json(out_dir / "perturbation_results.json", perturbation)
-        manifest.add_file("perturbation_results.json")
     plot_paths: list[Path] = []
-    if cfg.save_plots:
+    for m, view in views.items():
+        if perturbation[m] is not None:
+            records.write_json(view.out_dir / "perturbation_results.json", perturbation[m])
+            view.manifest.add_file("perturbation_results.json")
+        if cfg.save_plots:
+            with manifest.phase("plots"):
+                for path in plots.make_plots(view.out_dir):
+                    view.manifest.add_file(str(path.relative_to(view.out_dir)))
+                    plot_paths.append(path)
+    if agreement is not None:  # the comparison's own picture: drawn with or without --save-plots
         with manifest.phase("plots"):
-            plot_paths = plots.make_plots(out_dir)
-            for path in plot_paths:
-                manifest.add_file(str(path.relative_to(out_dir)))
-    text = summary.console_summary(cfg.to_json(), perturbation, stab, rows[:5], ctx.coverage)
+            heatmap = metrics_report.agreement_heatmap(out_dir)
+        manifest.add_file(heatmap.name)
+        plot_paths.append(heatmap)
     # report.md is always written (text, cheap; plot sections only with --save-plots), after the
     # manifest says success so that the report quotes the final status; if it fails, the
     # recording() block turns the manifest to failed
+    for view in views.values():
+        view.manifest.add_file("report.md")
     manifest.add_file("report.md")
     manifest.finish("success")
-    report_md.write_report(out_dir)
-    print(text + (f"\n{format_table(sw)}" if sw is not None else ""), flush=True)
+    for view in views.values():
+        report_md.write_report(view.out_dir)
+    if cfg.multi:
+        report_md.write_report(out_dir)
+        print(metrics_report.console_summary(out_dir), flush=True)
+    else:
+        m = cfg.metric
+        text = summary.console_summary(cfg.to_json(), perturbation[m], stab[m], rows[m][:5], ctx.coverage)
+        print(text + (f"\n{format_table(sw[m])}" if sw is not None else ""), flush=True)
     print(summary.files_footer(out_dir, plot_paths), flush=True)
-    return {"out_dir": str(out_dir), "perturbation": perturbation}
+    return {"out_dir": str(out_dir), "perturbation": perturbation if cfg.multi else perturbation[cfg.metric],
+            "agreement": agreement}

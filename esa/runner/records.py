@@ -42,7 +42,8 @@ def write_config(ctx: RunContext) -> None:
                      "world_size": distributed.world_size()},
         "command": sys.argv,
         "model": model_record(model),
-        "metric_info": METRICS[cfg.metric].record(),
+        **({"metrics_info": {m: METRICS[m].record() for m in cfg.metrics}} if cfg.multi
+           else {"metric_info": METRICS[cfg.metric].record()}),
         "targets": {"count": len(targets), "weights": sum(t.numel for t in targets),
                     "tied": {t.name: list(t.aliases) for t in targets if len(t.aliases) > 1},
                     "layouts": {t.name: list(t.layout) for t in targets if t.layout not in (("out", "in"),)}},

@@ -18,11 +18,13 @@ from esa.analysis.stats import all_stats
 from esa.config import RunConfig
 from esa.experiment import controls, selection
 from esa.experiment.perturb import PERTURBATIONS
-from esa.metrics import MetricContext, compute_scores
+from esa.experiment.rows import row_length
+from esa.metrics import MetricContext, Scored, score_metrics
 from esa.model import distributed
 from esa.model.placement import checkpointed_blocks
 from esa.model.targets import Target
 from esa.outdir import atomic
+from esa.runner.agreement import seed_agreement
 from esa.runner.context import RunContext
 from esa.runner.score_sample import write_score_sample
 from esa.seeding import numpy_rng
@@ -54,48 +56,90 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def score_seed(ctx: RunContext, seed: int, write_stats: bool) -> SeedResult:
-    """Score with this seed's calibration windows, select Top-K and controls (for --topk and every
-    --topk-sweep k), write the primary seed's statistics and score sample, drop the scores."""
-    cfg, model, targets, data, manifest, out_dir = ctx.cfg, ctx.model, ctx.targets, ctx.data, ctx.manifest, ctx.out_dir
+@dataclass
+class SeedScores:
+    """One seed of a run: each metric's :class:`SeedResult`, and (several metrics) their agreement."""
+
+    results: dict[str, SeedResult]
+    agreement: dict[str, dict] | None = None
+
+
+def score_seed(ctx: RunContext, seed: int, write_stats: bool) -> SeedScores:
+    """Score with this seed's calibration windows (every metric of the run, sharing the passes),
+    select each metric's Top-K and controls (for --topk and every --topk-sweep k), write the primary
+    seed's statistics and score sample per metric, and drop the scores.
+
+    With several metrics, each metric's scores stay alive until every metric has been selected (the
+    Spearman agreement needs each metric's scores on the other metrics' Top-Ks): one fp32 buffer per
+    metric and weight, the same as the scoring accumulators.
+    """
+    cfg, model, targets, data, manifest = ctx.cfg, ctx.model, ctx.targets, ctx.data, ctx.manifest
     chosen = data.calibration_indices(numpy_rng(seed, "calibration"), cfg.max_samples)
     windows = data.calib_pool[torch.from_numpy(chosen)]
-    names = ctx.names
     log.info("seed %d: scoring %d target tensors with %s on %d calibration windows", seed, len(targets),
-             cfg.metric, len(windows))
+             ", ".join(cfg.metrics), len(windows))
     mctx = MetricContext(seed=seed, hutchinson_samples=cfg.hutchinson_samples,
                          curvature_samples=cfg.curvature_samples, obs_damp=cfg.obs_damp,
                          recomputes_forward=cfg.gradient_checkpointing)
-    with manifest.phase("scoring"), (checkpointed_blocks(model) if cfg.gradient_checkpointing
-                                      else contextlib.nullcontext()):
-        scores = compute_scores(cfg.metric, model, targets, windows, cfg.batch_size, mctx)
-    with manifest.phase("selection"):
-        chosen_k = select_all(cfg, scores, names, seed, control_context(cfg, targets))
+    results: dict[str, SeedResult] = {}
+    kept: dict[str, dict[str, torch.Tensor]] = {}
+    with (checkpointed_blocks(model) if cfg.gradient_checkpointing else contextlib.nullcontext()):
+        scoring = score_metrics(list(cfg.metrics), model, targets, windows, cfg.batch_size, mctx)
+        while True:
+            with manifest.phase("scoring"):
+                scored = next(scoring, None)
+            if scored is None:
+                break
+            view = ctx.view(scored.metric)
+            results[scored.metric] = _select(view, scored, seed, chosen.tolist(), write_stats)
+            if cfg.multi:
+                kept[scored.metric] = scored.scores
+            del scored
+    agreement = None
+    if cfg.multi:
+        with manifest.phase("agreement"):
+            agreement = seed_agreement(kept, {m: r.top for m, r in results.items()})
+    del kept  # only the selections outlive this function: memory stays flat in the number of seeds
+    release_memory()
+    return SeedScores(results, agreement)
+
+
+def _select(view: RunContext, scored: Scored, seed: int, windows: list[int], write_stats: bool) -> SeedResult:
+    """One metric's Top-K and controls of one seed; its statistics and score sample for the primary seed."""
+    cfg, names, scores = view.cfg, view.names, scored.scores
+    with view.manifest.phase("selection"):
+        chosen_k = select_all(cfg, scores, names, seed, control_context(cfg, view.targets))
         top, controls = chosen_k[cfg.topk]
         sweep = {k: v for k, v in chosen_k.items() if k != cfg.topk}
         if distributed.active():  # the payload is O(k) Python objects: only built when there are ranks
-            distributed.check_same(f"the selections of seed {seed}", repr(
+            distributed.check_same(f"the {cfg.metric} selections of seed {seed}", repr(
                 [(k, top_k.ranked(names), {c: s.ranked(names) for c, s in ctl.items()})
                  for k, (top_k, ctl) in sorted(chosen_k.items())]).encode())
     if write_stats:
-        with manifest.phase("stats"):
-            stats = all_stats(scores, {t.name: t.shape for t in targets})
-            for name, extra in mctx.extra_stats.items():
+        with view.manifest.phase("stats"):
+            stats = all_stats(scores, {t.name: t.shape for t in view.targets})
+            for name, extra in scored.extra_stats.items():
                 stats[name].update(extra)
-            write_score_sample(out_dir / "score_distribution.npz", scores, names, top, numpy_rng(seed, "score_sample"),
+            view.out_dir.mkdir(parents=True, exist_ok=True)
+            write_score_sample(view.out_dir / "score_distribution.npz", scores, names, top,
+                               numpy_rng(seed, "score_sample"),
                                {"metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk, "seed": seed})
-        atomic.write_json(out_dir / "sensitivity_stats.json", {"metric": cfg.metric, "seed": seed, "tensors": stats})
-        manifest.add_file("sensitivity_stats.json")
-        manifest.add_file("score_distribution.npz")
-    del scores  # only the selections outlive this function: memory stays flat in the number of seeds
-    release_memory()
-    return SeedResult(seed, top, controls, chosen.tolist(), sweep)
+        atomic.write_json(view.out_dir / "sensitivity_stats.json", {"metric": cfg.metric, "seed": seed,
+                                                                    "tensors": stats})
+        view.manifest.add_file("sensitivity_stats.json")
+        view.manifest.add_file("score_distribution.npz")
+    return SeedResult(seed, top, controls, windows, sweep)
 
 
 def control_context(cfg: RunConfig, targets: list[Target]) -> controls.ControlContext:
     """The weights, and whether the perturbation leaves exact zeros unchanged (bottom_k's eligibility)."""
     zeros_unchanged = cfg.perturb is not None and not PERTURBATIONS[cfg.perturb].changes_zero
-    return controls.ControlContext({t.name: t.param for t in targets}, zeros_unchanged)
+    return controls.ControlContext({t.name: t.param for t in targets}, zeros_unchanged, in_axes(targets))
+
+
+def in_axes(targets: list[Target]) -> dict[str, int | None]:
+    """Each target's input-feature axis (per_row selection: a row is everything else)."""
+    return {t.name: t.axis("in") for t in targets}
 
 
 def select_all(cfg: RunConfig, scores: dict[str, torch.Tensor], names: list[str], seed: int,
@@ -109,7 +153,7 @@ def select_all(cfg: RunConfig, scores: dict[str, torch.Tensor], names: list[str]
     had), disjoint from that k's Top-K, so adding a control never changes another's draws.
     """
     ks = sorted({cfg.topk, *cfg.topk_sweep})
-    top_max = selection.top_k(scores, names, ks[-1], cfg.mode, need=room(cfg))
+    top_max = selection.top_k(scores, names, ks[-1], cfg.mode, need=room(cfg), in_axes=cctx.in_axes if cctx else None)
     nested = {c: controls.control(c, scores, names, ks[-1], cfg.mode, top_max, None, cctx)  # deterministic
               for c in cfg.controls if controls.CONTROLS[c].nested}
     out = {}
@@ -128,7 +172,7 @@ def room(cfg: RunConfig) -> int:
 
 def check_sizes(cfg: RunConfig, targets: list[Target]) -> None:
     """Fail before scoring when --topk or a --topk-sweep k does not fit the weight count."""
-    sizes = {t.name: t.numel for t in targets}
+    sizes = {t.name: row_length(t.shape, t.axis("in")) if cfg.mode == "per_row" else t.numel for t in targets}
     need = room(cfg)
     selection.check_k(cfg.mode, cfg.topk, sizes, need)
     for k in cfg.topk_sweep:

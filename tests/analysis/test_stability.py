@@ -71,7 +71,7 @@ def test_seeds_change_calibration_and_gradient_top_k(tiny_setup, tmp_path):
     cfg, model, targets, data = tiny_setup
     ctx = RunContext(cfg, resolve_device("cpu", True, "fp32", True), model, None, targets, data, tmp_path,
                      Manifest(tmp_path), True)
-    r0, r0b, r1 = (score_seed(ctx, s, False) for s in (0, 0, 1))
+    r0, r0b, r1 = (score_seed(ctx, s, False).results[cfg.metric] for s in (0, 0, 1))
     assert r0.calibration_windows == r0b.calibration_windows
     assert r0.calibration_windows != r1.calibration_windows
     assert jaccard(r0.top, r0b.top) == 1.0  # identical seeds -> identical Top-K

@@ -199,7 +199,7 @@ def test_auto_named_out_dir(tiny, tmp_path, monkeypatch, capsys):
 def test_crash_leaves_failed_manifest(tiny, tmp_path, monkeypatch, capsys):
     def boom(*a, **k):
         raise RuntimeError("synthetic failure")
-    monkeypatch.setattr(esa.runner.seeds, "compute_scores", boom)
+    monkeypatch.setattr(esa.runner.seeds, "score_metrics", boom)
     out = tmp_path / "run"
     assert esa_runner.main(small_args(tiny, out)) == 1
     assert "synthetic failure" in _one_error_line(capsys.readouterr().err)

@@ -201,9 +201,9 @@ def test_targets_all_adds_vectors_and_act_mag_lists_what_it_cannot_score(caplog)
 
     model = build("mixtral", 64)
     n_all = sum(p.numel() for p in model.parameters())
-    grad, excluded = scorable_targets(RunConfig(targets="all", metric="grad_x_weight"), model)
+    grad, excluded = scorable_targets(RunConfig(targets="all", metrics=("grad_x_weight",)), model)
     assert excluded == {} and sum(t.numel for t in grad) == n_all  # norms too
-    act, excluded = scorable_targets(RunConfig(targets="all", metric="act_mag"), model)
+    act, excluded = scorable_targets(RunConfig(targets="all", metrics=("act_mag",)), model)
     assert excluded and all("input-feature axis" in why for why in excluded.values())
     assert {t.name for t in act} | set(excluded) == {t.name for t in grad}
     assert "cannot score" in caplog.text
@@ -211,8 +211,8 @@ def test_targets_all_adds_vectors_and_act_mag_lists_what_it_cannot_score(caplog)
     assert cov["scored_weights"] == cov["matrix_weights"] and set(cov["excluded"]) == set(excluded)
     # a 4-D weight has no known layout: act_mag cannot score it, and the run says so
     model.model.layers[0].mlp.register_parameter("odd", torch.nn.Parameter(torch.ones(2, 2, 2, 2), False))
-    act, excluded = scorable_targets(RunConfig(metric="act_mag"), model)
+    act, excluded = scorable_targets(RunConfig(metrics=("act_mag",)), model)
     cov = coverage(model, act, excluded)
     assert "model.layers.0.mlp.odd" in cov["excluded"] and cov["scored_share_of_matrix_weights"] < 1.0
-    assert warn_partial_coverage(RunConfig(metric="act_mag"), cov) and "model.layers.0.mlp.odd (16)" in caplog.text
-    assert not warn_partial_coverage(RunConfig(metric="act_mag", exclude=("odd",)), cov)
+    assert warn_partial_coverage(RunConfig(metrics=("act_mag",)), cov) and "model.layers.0.mlp.odd (16)" in caplog.text
+    assert not warn_partial_coverage(RunConfig(metrics=("act_mag",), exclude=("odd",)), cov)

@@ -41,7 +41,7 @@ def test_every_condition_restores_the_model_bit_exactly(tmp_path_factory, tmp_pa
     manifest = Manifest(tmp_path)
     before = state_hash(model)
     ctx = RunContext(cfg, resolve_device("cpu", True, dtype, True), model, tok, targets, data, tmp_path, manifest, True)
-    result = score_seed(ctx, 0, write_stats=False)
+    result = score_seed(ctx, 0, write_stats=False).results[cfg.metric]
     assert state_hash(model) == before  # scoring never changes weights
     res = evaluate_conditions(ctx, result)
     assert state_hash(model) == before

@@ -1,0 +1,158 @@
+"""A multi-metric run (``--metric a,b,c``): its report.md, console summary and agreement heatmap.
+
+Built only from the out-dir: the top-level ``config.json`` and ``metric_agreement.json``, and each
+metric's own folder ``metrics/<name>/`` (a complete single-metric out-dir: its
+``perturbation_results.json``, ``super_weights.json`` and report.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from esa.outdir.readers import read_json
+from esa.reporting import summary
+from esa.reporting.format import ratio_text, sci
+from esa.reporting.plotkit import plt, save
+
+METRICS_DIR = "metrics"
+HEATMAP = "metric_agreement.png"
+
+
+def is_multi(config: dict | None) -> bool:
+    return len((config or {}).get("config", {}).get("metrics") or []) > 1
+
+
+def metric_dirs(out_dir: Path, config: dict) -> dict[str, Path]:
+    return {m: out_dir / METRICS_DIR / m for m in config["config"]["metrics"]}
+
+
+def _ratio_cell(pert: dict, cond: str) -> str:
+    """The condition's perplexity ratio to baseline: mean ± std over seeds (the one seed's ratio alone)."""
+    s = (pert.get("summary") or {}).get(cond, {}).get("ratio")
+    if s:
+        return ratio_text(s["mean"]) + ("" if s.get("std") is None else f" ± {sci(s['std'])}")
+    c = pert["conditions"].get(cond)
+    return ratio_text(c["ratio"]) if c else "–"
+
+
+def condition_matrix(out_dir: Path, config: dict) -> summary.Table | None:
+    """metric × condition → perplexity ratio (perturbed ÷ baseline), and top_k vs random_k's p-value."""
+    perts = {m: read_json(d, "perturbation_results.json") for m, d in metric_dirs(out_dir, config).items()}
+    if any(p is None for p in perts.values()):
+        return None
+    conds = list(next(iter(perts.values()))["conditions"])
+    head = ["metric", *conds]
+    several = "tests" in next(iter(perts.values()))
+    if several:
+        head.append("p (top_k vs random_k, log ratio)")
+    rows = []
+    for m, p in perts.items():
+        row = [f"`{m}`", *(_ratio_cell(p, c) for c in conds)]
+        if several:
+            t = p["tests"].get("top_k_vs_random_k")
+            row.append(sci(t["log_ratio"].get("p_value")) if t else "–")
+        rows.append(row)
+    return head, rows
+
+
+def agreement_table(agreement: dict) -> summary.Table:
+    rows = [[f"`{p['a']}` vs `{p['b']}`", f"{p['jaccard_mean']:.3f}",
+             "–" if p["spearman_mean"] is None else f"{p['spearman_mean']:+.3f}"] for p in agreement["pairs"]]
+    return ["pair", "Jaccard of Top-Ks", "Spearman on their union"], rows
+
+
+def super_weight_ranks(out_dir: Path, config: dict) -> summary.Table | None:
+    """Where the detector's candidates rank in each metric's Top-K (per seed; '-' = not in it)."""
+    sws = {m: read_json(d, "super_weights.json") for m, d in metric_dirs(out_dir, config).items()}
+    if any(s is None for s in sws.values()):
+        return None
+    cands = next(iter(sws.values()))["candidates"]
+    if not cands:
+        return None
+    head = ["metric", *(f"{c['param'].removeprefix('model.')}[{c['row']}, {c['col']}]" for c in cands)]
+    rows = []
+    for m, sw in sws.items():
+        per_seed = sw["topk_overlap"]["per_seed"]
+        rows.append([f"`{m}`", *(", ".join(str(rs[i]["rank"] or "-") for rs in per_seed.values())
+                                  for i in range(len(cands)))])
+    return head, rows
+
+
+def agreement_heatmap(out_dir: Path) -> Path | None:
+    """``metric_agreement.png``: Jaccard and Spearman matrices side by side (mean over seeds)."""
+    ag = read_json(out_dir, "metric_agreement.json")
+    if ag is None:
+        return None
+    names = ag["metrics"]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(names), 2.5 + 0.55 * len(names)))
+    for ax, key, title, lo in ((axes[0], "jaccard_matrix", "Jaccard of the Top-K sets", 0.0),
+                               (axes[1], "spearman_matrix", "Spearman on the union of the Top-Ks", -1.0)):
+        m = [[float("nan") if v is None else v for v in row] for row in ag[key]]
+        im = ax.imshow(m, vmin=lo, vmax=1.0, cmap="viridis")
+        for i, row in enumerate(m):
+            for j, v in enumerate(row):
+                ax.text(j, i, "–" if v != v else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if v == v and v < lo + 0.6 * (1 - lo) else "black")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_yticks(range(len(names)), names if ax is axes[0] else [])  # the same rows: labelled once
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"Do the metrics agree? {ag['mode']}, k = {ag['k']}, mean over seeds {ag['seeds']}", fontsize=10)
+    return save(fig, out_dir / HEATMAP)
+
+
+def sections(out_dir: Path, config: dict, agreement: dict | None) -> list[tuple[str, str, summary.Table]]:
+    """(heading, caption, table) of each part the out-dir has data for."""
+    out = []
+    table = condition_matrix(out_dir, config)
+    if table is not None:
+        out.append(("Metric × condition → perplexity ratio",
+                    "perturbed ÷ baseline perplexity, mean ± sample std over seeds (a single seed: its ratio)", table))
+    if agreement is not None:
+        out.append(("Agreement between metrics", "mean over seeds", agreement_table(agreement)))
+    ranks = super_weight_ranks(out_dir, config)
+    if ranks is not None:
+        out.append(("Super-weight candidates in each metric's Top-K",
+                    "rank of each detector candidate in the metric's Top-K, per seed; - = not in it", ranks))
+    return out
+
+
+def build_report(out_dir: Path) -> str:
+    out_dir = Path(out_dir)
+    cfg = read_json(out_dir, "config.json")
+    ag = read_json(out_dir, "metric_agreement.json")
+    manifest = read_json(out_dir, "experiment_manifest.json")
+    c = cfg["config"]
+    metrics = c["metrics"]
+    status = (f" The run ended with status {manifest['status']} after {manifest.get('wall_time_s', 0):.0f} s."
+              if manifest else "")
+    lines = [f"# ESA report: `{c['model']}`, {len(metrics)} metrics, {c['mode']}, k = {c['topk']}", "",
+             f"**Question.** Do {', '.join(f'`{m}`' for m in metrics)} pick the same weights of `{c['model']}`"
+             + (f", and does {c['perturb']} of each metric's Top-K hurt perplexity more than its controls "
+                f"({', '.join(c['controls']) or 'none'})?" if c.get("perturb") else "?"), "",
+             f"**Configuration.** All metrics scored in one pass per seed on the same calibration windows "
+             f"(seeds {', '.join(map(str, c['seeds']))}); every metric has its own folder `metrics/<name>/` with "
+             f"the files and report of a single-metric run.{status}"]
+    for heading, caption, table in sections(out_dir, cfg, ag):
+        lines += ["", f"## {heading}", "", caption[0].upper() + caption[1:] + ":", "", *summary.markdown(table)]
+    if (out_dir / HEATMAP).is_file():
+        lines += ["", f"![metric agreement]({HEATMAP})"]
+    lines += ["", "## Per-metric reports", ""]
+    lines += [f"- [`{m}`]({METRICS_DIR}/{m}/report.md)" for m in metrics]
+    lines += ["", "## Files", "", "| file | content |", "|---|---|",
+              "| `config.json` | the run's configuration (all metrics) |",
+              "| `experiment_manifest.json` | status, timings per phase, peak memory, every file |",
+              "| `metric_agreement.json` | per pair of metrics and seed: Jaccard of the Top-Ks, Spearman on their "
+              "union |", f"| `{HEATMAP}` | the agreement matrices (PNG) |",
+              f"| `{METRICS_DIR}/<name>/` | each metric's single-metric out-dir |", "| `report.md` | this report |"]
+    return "\n".join(lines) + "\n"
+
+
+def console_summary(out_dir: Path) -> str:
+    cfg = read_json(out_dir, "config.json")
+    c = cfg["config"]
+    lines = [f"ESA summary  model={c['model']}  metrics={','.join(c['metrics'])}  mode={c['mode']}  "
+             f"k={c['topk']}  seeds={','.join(map(str, c['seeds']))}  perturb={c['perturb'] or 'none'}"]
+    for heading, caption, table in sections(out_dir, cfg, read_json(out_dir, "metric_agreement.json")):
+        lines += [f"{heading} ({caption}):", *summary.text(table)]
+    return "\n".join(lines)

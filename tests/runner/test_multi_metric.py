@@ -1,0 +1,103 @@
+"""--metric a,b,c: one run whose per-metric folders equal the single-metric runs, plus the agreement."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pytest
+
+import esa_runner
+from esa.analysis.agreement import spearman
+from esa.outdir.compare import compare
+from esa.outdir.readers import read_top_rows
+from tests.realmodels import CORPUS, tiny_model_dir
+
+METRICS = ["grad_x_weight", "act_mag", "obs", "taylor2", "magnitude"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(tiny_model_dir(tmp_path_factory.mktemp("tiny")))
+
+
+def args(tiny: str, out, metric: str, mode: str = "global") -> list[str]:
+    return ["--model", tiny, "--device", "cpu", "--dtype", "fp32", "--data-file", str(CORPUS), "--max-length", "32",
+            "--max-samples", "4", "--eval-samples", "4", "--topk", "6", "--mode", mode, "--metric", metric,
+            "--perturb", "zero", "--controls", "random_k,bottom_k,random_mag_k", "--seeds", "0,1",
+            "--topk-sweep", "2,6", "--stability-check", "--save-plots", "--out-dir", str(out)]
+
+
+@pytest.fixture(scope="module")
+def multi(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("multi") / "run"
+    assert esa_runner.main(args(tiny, out, ",".join(METRICS))) == 0
+    return out
+
+
+def summary_part(report: str) -> str:
+    """report.md from its summary to its file list (the file list names the manifest, which a
+    metric's folder does not have: the run's manifest is one level up)."""
+    return report[report.index("## Summary"):report.index("## Files")]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_each_metric_folder_equals_the_single_metric_run(tiny, multi, tmp_path, metric):
+    single = tmp_path / "single"
+    assert esa_runner.main(args(tiny, single, metric)) == 0
+    folder = multi / "metrics" / metric
+    diff = {n: v for n, v in compare(folder, single).items() if v != "identical"}
+    # everything identical (top_weights.csv, perturbation results, stability, stats, score sample,
+    # config.json up to the command line and out-dir, every plot), except what only a run has
+    assert diff == {"experiment_manifest.json": "only in B", "report.md": "differs"}
+    assert summary_part((folder / "report.md").read_text()) == summary_part((single / "report.md").read_text())
+
+
+def test_agreement_json_and_heatmap(multi):
+    ag = json.loads((multi / "metric_agreement.json").read_text())
+    assert ag["metrics"] == METRICS and ag["seeds"] == [0, 1] and len(ag["pairs"]) == 10
+    rows = {m: read_top_rows(multi / "metrics" / m) for m in METRICS}
+    for pair in ag["pairs"]:
+        for seed, row in pair["per_seed"].items():
+            # recomputed from the two metrics' top_weights.csv: weight identities per seed
+            a, b = ({(r["parameter"], int(r["index"])) for r in rows[m] if r["seed"] == seed}
+                    for m in (pair["a"], pair["b"]))
+            assert row["jaccard"] == pytest.approx(len(a & b) / len(a | b))
+            assert row["union"] == len(a | b)
+    assert ag["jaccard_matrix"][0][0] == 1.0
+    assert (multi / "metric_agreement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (multi / "report.md").read_text()
+    assert "## Metric × condition → perplexity ratio" in report and "metric_agreement.png" in report
+    for m in METRICS:
+        assert f"| `{m}` |" in report and f"metrics/{m}/report.md" in report
+    manifest = json.loads((multi / "experiment_manifest.json").read_text())
+    assert manifest["status"] == "success" and "metrics/obs/top_weights.csv" in manifest["files"]
+
+
+def test_spearman_is_scipys_with_average_ranks_for_ties():
+    import numpy as np
+
+    assert spearman(np.array([1.0, 2, 3, 4]), np.array([10.0, 20, 30, 40])) == pytest.approx(1.0)
+    assert spearman(np.array([1.0, 2, 3, 4]), np.array([4.0, 3, 2, 1])) == pytest.approx(-1.0)
+    # ties: ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4): rho = 0.9487
+    assert spearman(np.array([1.0, 2, 2, 3]), np.array([1.0, 2, 3, 4])) == pytest.approx(0.9486833)
+    assert spearman(np.array([1.0, 1, 1]), np.array([1.0, 2, 3])) is None
+
+
+def test_per_row_mode_runs_end_to_end(tiny, tmp_path):
+    out = tmp_path / "rows"
+    argv = args(tiny, out, "grad_x_weight,act_mag", mode="per_row")
+    argv[argv.index("--topk") + 1] = "2"
+    argv[argv.index("--topk-sweep") + 1] = "1,2"
+    assert esa_runner.main(argv) == 0
+    folder = out / "metrics" / "act_mag"
+    res = json.loads((folder / "perturbation_results.json").read_text())
+    layouts = json.loads((folder / "config.json").read_text())["targets"]["layouts"]
+    shapes = {n: s["shape"] for n, s in json.loads((folder / "sensitivity_stats.json").read_text())["tensors"].items()}
+    n_rows = {n: math.prod(shape) // shape[layouts.get(n, ["out", "in"]).index("in")] for n, shape in shapes.items()}
+    assert res["conditions"]["top_k"]["n_perturbed"] == 2 * sum(n_rows.values())
+    for cond in ("top_k", "random_k", "bottom_k", "random_mag_k"):
+        assert res["conditions"][cond]["n_perturbed"] == 2 * sum(n_rows.values()), cond
+    per_row = Counter((r["parameter"], r["row"]) for r in read_top_rows(folder) if r["seed"] == "0")
+    assert set(per_row.values()) == {2} and len(per_row) == sum(n_rows.values())
