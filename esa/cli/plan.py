@@ -48,7 +48,12 @@ def data_plan(cfg: RunConfig) -> str:
 
 
 def output_files(cfg: RunConfig) -> list[str]:
-    """Every file the run will write, as the pipeline writes them."""
+    """Every file the run will write, as the pipeline writes them (several metrics: the run's own
+    files, then one single-metric out-dir per metric under metrics/<name>/)."""
+    if cfg.multi:
+        each = [f for f in output_files(cfg.for_metric(cfg.metrics[0])) if f != "experiment_manifest.json"]
+        return ["config.json", "experiment_manifest.json", "metric_agreement.json", "metric_agreement.png",
+                "report.md", f"metrics/{{{','.join(cfg.metrics)}}}/{{{','.join(each)}}}"]
     files = list(OUTPUT_FILES)
     if cfg.perturb:
         files.append("perturbation_results.json")

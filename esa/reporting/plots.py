@@ -95,8 +95,10 @@ def read_topk_locations(out_dir: Path) -> str | None:
             f"{TYPE_PHRASES.get(MODULE_TYPES[t], MODULE_TYPES[t] + ' projections')} and the busiest rows are "
             f"{layers}; they sit in {per_tensor} distinct tensors")
     cfg = read_json(out_dir, "config.json")
-    if cfg is not None and cfg["config"]["mode"] == "per_layer":
-        text += " (per_layer selects k in every tensor, so the counts mirror the number of tensors per cell)"
+    mode = cfg["config"]["mode"] if cfg is not None else None
+    if mode in ("per_layer", "per_row"):
+        unit = "tensor" if mode == "per_layer" else "output row"
+        text += f" ({mode} selects k in every {unit}, so the counts mirror the number of {unit}s per cell)"
     return text + "."
 
 

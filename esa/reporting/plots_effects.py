@@ -228,7 +228,7 @@ def plot_dose_response(out_dir: Path, dest: Path) -> bool:
     ax.set_xticks(ks, [str(int(k)) for k in ks])
     ax.xaxis.set_minor_locator(plt.NullLocator())
     _symlog_ticks(ax, lin)
-    unit = "weights per tensor" if res["mode"] == "per_layer" else "weights"
+    unit = {"per_layer": "weights per tensor", "per_row": "weights per output row"}.get(res["mode"], "weights")
     ax.set_xlabel(f"k = number of perturbed {unit} (log scale)")
     ax.set_ylabel(f"ΔPPL = PPL − baseline (perplexity; symlog, linear within ±{sci(lin)})")
     ax.set_title(f"Dose–response: {res['perturb']} of k weights ({res['mode']}, {res['metric']}); "
@@ -265,12 +265,15 @@ def read_dose_response(out_dir: Path) -> str | None:
     seeds = conds["top_k"]["per_seed"].values()
     doubled = sum(num(s["ratio"][broke]) >= 2 for s in seeds)
     return text + (f"; {_topk_count(ks[broke], res['mode'])} already at least double"
-                   f"{'s' if ks[broke] == 1 and res['mode'] != 'per_layer' else ''} the mean perplexity "
+                   f"{'s' if ks[broke] == 1 and res['mode'] == 'global' else ''} the mean perplexity "
                    f"(in {doubled} of {len(seeds)} seeds individually).")
 
 
 def _topk_count(k: int, mode: str) -> str:
-    """How many weights k means: under per_layer, k is per tensor (k = 1 is one weight in every tensor)."""
+    """How many weights k means: under per_layer, k is per tensor (k = 1 is one weight in every tensor);
+    under per_row, per output row."""
     if mode == "per_layer":
         return f"the Top-{k} of every tensor ({k} weight{'s' if k > 1 else ''} per tensor)"
+    if mode == "per_row":
+        return f"the Top-{k} of every output row ({k} weight{'s' if k > 1 else ''} per row)"
     return "a single Top-K weight" if k == 1 else f"k={k} Top-K weights"

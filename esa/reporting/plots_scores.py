@@ -69,10 +69,11 @@ def plot_score_distribution(out_dir: Path, dest: Path) -> bool:
     hidden = f"; {100 * int(z['nonpositive'].sum()) / n:.2g}% ≤ 0 not shown" if z["nonpositive"].sum() else ""
     ax.loglog(x, p, color="black", lw=2.2, label=f"all targets ({count_text(n)} weights{hidden})")
     thr = float(z["topk_threshold"])
-    if mode == "per_layer" and len(z["thresholds"]) > 1:
+    if mode in ("per_layer", "per_row") and len(z["thresholds"]) > 1:
         lo, hi = float(np.min(z["thresholds"])), float(np.max(z["thresholds"]))
         ax.axvspan(lo, hi, color="tab:red", alpha=0.12,
-                   label=f"per-tensor Top-K thresholds, k={k} per tensor ({sci(lo)} … {sci(hi)})")
+                   label=f"per-tensor Top-K thresholds (lowest selected score), k={k} per "
+                         f"{'tensor' if mode == 'per_layer' else 'row'} ({sci(lo)} … {sci(hi)})")
     elif math.isfinite(thr):
         ax.axvline(thr, color="tab:red", ls="--", lw=1.5, label=f"Top-K threshold, k={k} {mode} ({sci(thr)})")
     ax.set_xlabel(f"score x: {score_unit(read_json(out_dir, 'config.json'), metric)}")

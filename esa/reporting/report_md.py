@@ -36,7 +36,8 @@ FILE_NOTES = {
 
 def _question(cfg: dict, pert: dict | None) -> str:
     c = cfg["config"]
-    sel = f"{c['topk']} weights per tensor" if c["mode"] == "per_layer" else f"{c['topk']} weights"
+    sel = {"per_layer": f"{c['topk']} weights per tensor", "per_row": f"{c['topk']} weights per output row"}.get(
+        c["mode"], f"{c['topk']} weights")
     controls = " or ".join(f"`{x}`" for x in c["controls"]) or "no control"
     if not c.get("perturb"):
         return (f"**Question.** Which weights of `{c['model']}` score highest under `{c['metric']}` "
@@ -66,8 +67,8 @@ def _caveats(c: dict) -> str:
     if c["metric"] == "act_mag":
         notes.append("act_mag scores are not comparable across layers: the input norms ‖x‖ grow with depth, so a "
                      "global Top-K favours the layers with the largest activations")
-    if c["mode"] == "per_layer":
-        notes.append("under per_layer, `rank` in top_weights.csv orders the whole Top-K across tensors; "
+    if c["mode"] in ("per_layer", "per_row"):
+        notes.append(f"under {c['mode']}, `rank` in top_weights.csv orders the whole Top-K across tensors; "
                      "`tensor_rank` is the rank within the weight's own tensor")
     return "".join(f"\n\nNote: {n}." for n in notes)
 

@@ -66,6 +66,10 @@ def _one_error_line(err: str) -> str:
     (["--seeds", "1,1"], "duplicates"),
     (["--controls", "random_k,foo"], "unknown control 'foo'"),
     (["--metric", "nope"], "unknown --metric"),
+    (["--metric", "act_mag,nope"], "unknown --metric 'nope'"),
+    (["--metric", "act_mag,wanda"], "--metric names act_mag more than once"),
+    (["--metric", ","], "--metric is empty"),
+    (["--metric", "act_mag", "--gradient-checkpointing"], "only applies to gradient metrics"),
     (["--bit-index", "3"], "only applies to --perturb bit_flip"),
     (["--perturb", "bit_flip", "--bit-index", "40"], "--bit-index must be in 0..31"),
     (["--hutchinson-samples", "0"], "--hutchinson-samples must be positive"),
@@ -257,3 +261,11 @@ def test_help_and_dry_run_do_not_import_the_heavy_libraries():
             "assert not heavy, heavy\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_dry_run_of_several_metrics_lists_their_folders(capsys):
+    assert esa_runner.main(["--dry-run", "--device", "cpu", "--metric", "grad_x_weight,wanda", "--mode", "per_row",
+                            "--perturb", "zero", "--out-dir", "/tmp/esa-dry"]) == 0
+    out = capsys.readouterr().out
+    assert "metrics:       grad_x_weight, act_mag   mode: per_row" in out
+    assert "metric_agreement.json" in out and "metrics/{grad_x_weight,act_mag}/{config.json,top_weights.csv" in out
