@@ -26,9 +26,10 @@ from esa.naming import compile_patterns
 from esa.outdir.layout import default_out_dir, model_slug
 
 MODES = ("per_layer", "per_row", "global")
+QUANTIZERS = ("rtn",)
 __all__ = ["CONTROLS", "DATASETS", "DEVICES", "DTYPES", "EMBEDDED_MODEL", "METRICS", "MODES", "PERTURBATIONS",
-           "RunConfig", "canonical", "default_run_dir", "parse_controls", "parse_metrics", "parse_seeds",
-           "parse_topk_sweep", "validate"]
+           "QUANTIZERS", "RunConfig", "canonical", "default_run_dir", "parse_block_sizes", "parse_controls",
+           "parse_metrics", "parse_seeds", "parse_topk_sweep", "validate"]
 
 
 def canonical(value: str, choices: Iterable[str], aliases: Mapping[str, str], what: str) -> str:
@@ -97,6 +98,22 @@ def parse_metrics(text: str) -> tuple[str, ...]:
     return names
 
 
+def parse_block_sizes(text: str) -> tuple[str | int, ...]:
+    """Parse ``"channel,16384,tensor"``: ``channel`` (one block per output row), ``tensor`` or a positive
+    count of contiguous weights, in the given order; duplicates are errors."""
+    out: list[str | int] = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if part in ("channel", "tensor"):
+            out.append(part)
+        elif re.fullmatch(r"\d+", part) and int(part) > 0:
+            out.append(int(part))
+        else:
+            raise UsageError(f"--block-size takes channel, tensor or a positive integer, got {part!r} in {text!r}")
+    if len(set(out)) != len(out):
+        raise UsageError(f"--block-size names a block size twice: {text!r}")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class RunConfig(ModelSpec):
     """Everything a run needs, with canonical names. ``*_explicit`` record user intent."""
@@ -116,6 +133,10 @@ class RunConfig(ModelSpec):
     curvature_samples: int = 1
     obs_damp: float = 0.01  # obs: dampening, a fraction of mean(diag H) (SparseGPT's default)
     controls: tuple[str, ...] = ("random_k", "bottom_k")
+    quantize: str | None = None  # "rtn": the quantization experiment instead of --perturb
+    bits: int = 4
+    block_sizes: tuple[str | int, ...] = ("channel",)  # "channel", "tensor" or a count of contiguous weights
+    clip_z: float | None = None
     seeds: tuple[int, ...] = (0,)
     stability_check: bool = False
     data_file: str | None = None
@@ -167,16 +188,28 @@ class RunConfig(ModelSpec):
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
-    """``outputs/<model>_<metric>[+<metric>...]_<mode>_k<k>[_<perturb>]_<timestamp>``: an ESA run's default
-    --out-dir."""
+    """``outputs/<model>_<metric>[+<metric>...]_<mode>_k<k>[_<perturb>][_rtn<bits>]_<timestamp>``: an ESA run's
+    default --out-dir."""
     return default_out_dir(model_slug(cfg.model), "+".join(cfg.metrics), cfg.mode, f"k{cfg.topk}",
-                           *filter(None, [cfg.perturb]))
+                           *filter(None, [cfg.perturb, f"{cfg.quantize}{cfg.bits}" if cfg.quantize else None]))
 
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check everything that can be checked before the model loads; return the config."""
     if cfg.topk <= 0:
         raise UsageError(f"--topk must be a positive integer, got {cfg.topk}")
+    if cfg.quantize is not None:
+        if cfg.quantize not in QUANTIZERS:
+            raise UsageError(f"unknown --quantize {cfg.quantize!r}; choose from {', '.join(QUANTIZERS)}")
+        if cfg.perturb:
+            raise UsageError("--quantize cannot be combined with --perturb: a condition is either a perturbation of "
+                             "the selected weights or a quantization that protects them, not both")
+        if not 2 <= cfg.bits <= 8:
+            raise UsageError(f"--bits must be in 2..8, got {cfg.bits}")
+        if not cfg.block_sizes:
+            raise UsageError("--block-size is empty")
+        if cfg.clip_z is not None and not (0 < cfg.clip_z < float("inf")):
+            raise UsageError(f"--clip-z must be a positive number of standard deviations, got {cfg.clip_z}")
     if cfg.topk_sweep and not cfg.perturb:
         raise UsageError("--topk-sweep needs --perturb (the sweep measures the perplexity change per k)")
     if any(k <= 0 for k in cfg.topk_sweep):

@@ -69,15 +69,17 @@ def _log(ratio: float) -> float:
     return math.log(ratio) if ratio > 0 else -math.inf
 
 
+def condition_vs(per_seed: dict[str, dict], a: str, b: str) -> dict:
+    """Condition ``a`` vs ``b`` over seeds on ΔPPL and on log(PPL/baseline) (``log_ratio``)."""
+    rows = [(per_seed[s][a], per_seed[s][b]) for s in per_seed]
+    rows = [(t, k) for t, k in rows if t.get("ppl") is not None and k.get("ppl") is not None]
+    res = compare([t["delta_ppl"] for t, _ in rows], [k["delta_ppl"] for _, k in rows])
+    res["log_ratio"] = compare([_log(t["ratio"]) for t, _ in rows], [_log(k["ratio"]) for _, k in rows],
+                               "log(ppl / baseline)")
+    return res
+
+
 def top_vs_controls(per_seed: dict[str, dict]) -> dict:
     """Top-K vs each control on ΔPPL (as specified) and on log(PPL/baseline) (``log_ratio``)."""
     controls = [c for c in next(iter(per_seed.values())) if c != "top_k"]
-    out = {}
-    for c in controls:
-        rows = [(per_seed[s]["top_k"], per_seed[s][c]) for s in per_seed]
-        rows = [(t, k) for t, k in rows if t.get("ppl") is not None and k.get("ppl") is not None]
-        res = compare([t["delta_ppl"] for t, _ in rows], [k["delta_ppl"] for _, k in rows])
-        res["log_ratio"] = compare([_log(t["ratio"]) for t, _ in rows], [_log(k["ratio"]) for _, k in rows],
-                                   "log(ppl / baseline)")
-        out[f"top_k_vs_{c}"] = res
-    return out
+    return {f"top_k_vs_{c}": condition_vs(per_seed, "top_k", c) for c in controls}

@@ -59,11 +59,29 @@ def output_files(cfg: RunConfig) -> list[str]:
         files.append("perturbation_results.json")
     if cfg.stability_check and len(cfg.seeds) >= 2:
         files.append("stability_summary.json")
+    if cfg.quantize:
+        files += ["quantization_results.json", "quantization.png"]
     if cfg.detect_super_weights:
         files += SUPER_WEIGHT_FILES
     if cfg.save_plots:
         files.append("plots/*.png")
     return files
+
+
+def quantize_plan(cfg: RunConfig) -> str:
+    """The quantization experiment's conditions and how many perplexity evaluations it takes: per block
+    size, ``none`` and ``protect_super_weights`` once (they do not depend on the seed), protect_topk
+    and protect_random_k per seed and metric; plus the unquantized baseline."""
+    conds = ["none", "protect_topk", "protect_random_k"] + (["protect_super_weights"] if cfg.detect_super_weights
+                                                            else [])
+    shared = 1 + int(cfg.detect_super_weights)
+    per_block = shared + 2 * len(cfg.seeds) * len(cfg.metrics)
+    n = len(cfg.block_sizes) * per_block + 1
+    return (f"{cfg.quantize} {cfg.bits}-bit" + (f", clip at {cfg.clip_z:g} std" if cfg.clip_z else "")
+            + f"; conditions {', '.join(conds)} x block sizes {', '.join(map(str, cfg.block_sizes))} x seeds "
+            f"{', '.join(map(str, cfg.seeds))}: at most {n} perplexity evaluations "
+            f"({len(cfg.block_sizes)} x ({shared} + 2 x {len(cfg.seeds)} seed(s)"
+            + (f" x {len(cfg.metrics)} metrics" if cfg.multi else "") + ") + the unquantized baseline)")
 
 
 def runner_plan(cfg: RunConfig) -> str:
@@ -85,8 +103,9 @@ def runner_plan(cfg: RunConfig) -> str:
         ("seeds", f"{', '.join(map(str, cfg.seeds))} (primary {cfg.seeds[0]})"
          + ("; stability check" if cfg.stability_check else "")),
         ("perturb", perturb),
-        ("conditions", (', '.join(conditions) if conditions else '-')
+        ("conditions", (', '.join(conditions) if conditions else 'see quantize' if cfg.quantize else '-')
          + (f"; dose-response over k = {', '.join(map(str, cfg.topk_sweep))}" if cfg.topk_sweep else "")),
+        *([("quantize", quantize_plan(cfg))] if cfg.quantize else []),
         ("super weights", "detect, ablate and rank in each seed's Top-K" if cfg.detect_super_weights else "-"),
         ("outputs", f"{out_dir} -> {', '.join(output_files(cfg))}"
          + ("" if writable_dir(out_dir) else "  (NOT writable: a real run would stop)")),

@@ -20,8 +20,10 @@ from esa.config import (
     METRICS,
     MODES,
     PERTURBATIONS,
+    QUANTIZERS,
     RunConfig,
     canonical,
+    parse_block_sizes,
     parse_controls,
     parse_metrics,
     parse_seeds,
@@ -29,6 +31,7 @@ from esa.config import (
     validate,
 )
 from esa.data import DATASET_ALIASES, DATASETS
+from esa.errors import UsageError
 
 log = logging.getLogger("esa")
 
@@ -101,12 +104,28 @@ def build_parser() -> Parser:
     g.add_argument("--bit-index", type=int, default=None,
                    help="bit flipped by bit_flip (0 = least significant; default: the most significant "
                         "exponent bit: 30 for fp32, 14 for bf16/fp16)")
-    g.add_argument("--controls", default="random_k,bottom_k",
-                   help=f"comma list of {', '.join(CONTROLS)}, or 'none': {_catalogue(CONTROLS)}")
+    g.add_argument("--controls", default=None,
+                   help=f"comma list of {', '.join(CONTROLS)}, or 'none' (default: random_k,bottom_k): "
+                        f"{_catalogue(CONTROLS)}")
     g.add_argument("--topk-sweep", default="", metavar="K1,K2,...",
                    help="dose-response: also perturb the Top-K and controls for each of these k (scores are "
                         "computed once per seed); --topk stays the main k of the table, top_weights.csv and "
                         "stability. Each k must fit the weight count like --topk. Needs --perturb")
+    g = p.add_argument_group("quantization (instead of --perturb; see README 'Quantization')")
+    g.add_argument("--quantize", default=None, choices=QUANTIZERS,
+                   help="rtn: quantize every targeted linear weight (not embeddings, lm_head or norms unless "
+                        "--include names them) by asymmetric min-max round-to-nearest, per block size, with and "
+                        "without keeping the Top-K (protect_topk), as many random weights (protect_random_k) and "
+                        "the super-weight candidates (protect_super_weights, with --detect-super-weights) in full "
+                        "precision; perplexity of each on the evaluation windows")
+    g.add_argument("--bits", type=int, default=None, help="bits per weight, 2..8 (default 4)")
+    g.add_argument("--block-size", default=None, metavar="B1,B2,...",
+                   help="comma list of block sizes: channel (one block per output row), tensor, or a count of "
+                        "contiguous weights of the flattened tensor, e.g. 16384,65536,262144,1048576 (default: "
+                        "channel)")
+    g.add_argument("--clip-z", type=float, default=None,
+                   help="clip each block to mean +- z standard deviations of its unprotected weights before "
+                        "computing its scale")
     g = p.add_argument_group("super weights (Yu et al. 2024; see also scripts/find_super_weights.py)")
     g.add_argument("--detect-super-weights", action="store_true",
                    help="also find super-weight candidates from activation spikes at every MLP down-projection "
@@ -131,6 +150,13 @@ def build_parser() -> Parser:
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
     """Normalise aliases and freeze the parsed flags into a RunConfig (nothing else sees ns)."""
+    given = [f for f, v in (("--bits", ns.bits), ("--block-size", ns.block_size), ("--clip-z", ns.clip_z))
+             if v is not None]
+    if given and not ns.quantize:
+        raise UsageError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --quantize")
+    if ns.quantize and ns.controls is not None:
+        raise UsageError("--controls applies to --perturb; --quantize compares its own conditions (none, "
+                         "protect_topk, protect_random_k, protect_super_weights)")
     return RunConfig(
         **model_spec_args(ns),
         device_map=ns.device_map, offload=ns.offload, gradient_checkpointing=ns.gradient_checkpointing,
@@ -140,7 +166,9 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         else None,
         perturb_scale=ns.perturb_scale, perturb_prob=ns.perturb_prob, bit_index=ns.bit_index,
         hutchinson_samples=ns.hutchinson_samples, curvature_samples=ns.curvature_samples, obs_damp=ns.obs_damp,
-        controls=parse_controls(ns.controls), seeds=parse_seeds(ns.seeds),
+        controls=() if ns.quantize else parse_controls(ns.controls or "random_k,bottom_k"),
+        seeds=parse_seeds(ns.seeds), quantize=ns.quantize, bits=4 if ns.bits is None else ns.bits,
+        block_sizes=parse_block_sizes(ns.block_size or "channel"), clip_z=ns.clip_z,
         stability_check=ns.stability_check, data_file=ns.data_file, data_dir=ns.data_dir,
         dataset=canonical(ns.dataset, DATASETS, DATASET_ALIASES, "--dataset") if ns.dataset else None,
         max_samples=ns.max_samples, eval_samples=ns.eval_samples, max_length=ns.max_length,

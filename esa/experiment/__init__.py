@@ -1,5 +1,6 @@
-"""The building blocks of a perturbation experiment: Top-K selection, the control registry, the
-perturbation registry (each restores the model bit-exactly), evaluated conditions, the dose-response sweep.
+"""The building blocks of an experiment: Top-K selection (``selection``; ``rows`` for per_row), the
+control registry, the perturbation registry (each restores the model bit-exactly), RTN quantization
+(``quantize``; never writes the model), evaluated conditions, the dose-response sweep.
 
 May import: esa.errors, esa.registry, esa.naming, esa.seeding, esa.model.
 """

@@ -65,3 +65,12 @@ def row_extreme_k(x: torch.Tensor, in_axis: int | None, k: int, largest: bool = 
         order = torch.sort(chunk, dim=1, descending=largest, stable=True).indices
         out.append(order[:, :k].cpu())
     return torch.cat(out)
+
+
+def from_rows(rows: torch.Tensor, shape: tuple[int, ...], in_axis: int | None) -> torch.Tensor:
+    """Inverse of :func:`as_rows`: ``[rows, n_in]`` back to ``shape`` (a copy when the input axis is
+    not last)."""
+    perm = _perm(len(shape), in_axis)
+    permuted = rows.reshape([shape[a] for a in perm])
+    inverse = [perm.index(a) for a in range(len(shape))]
+    return permuted.permute(inverse)

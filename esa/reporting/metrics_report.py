@@ -55,6 +55,27 @@ def condition_matrix(out_dir: Path, config: dict) -> summary.Table | None:
     return head, rows
 
 
+def quantization_matrix(out_dir: Path, config: dict) -> summary.Table | None:
+    """metric × block size → perplexity ratio with its Top-K protected (and with as many random weights)."""
+    res = {m: read_json(d, "quantization_results.json") for m, d in metric_dirs(out_dir, config).items()}
+    if any(r is None for r in res.values()):
+        return None
+    blocks = next(iter(res.values()))["block_sizes"]
+    rows = []
+    for m, r in res.items():
+        cells = []
+        for b in blocks:
+            s = (r.get("summary") or {}).get(b, {})
+            first = next(iter(r["per_seed"].values()))[b]
+            top, rnd = ((s.get(c, {}).get("ratio") or {}).get("mean", first[c]["ratio"])
+                        for c in ("protect_topk", "protect_random_k"))
+            cells.append(f"{ratio_text(top)} ({ratio_text(rnd)})")
+        none = [ratio_text(next(iter(r["per_seed"].values()))[b]["none"]["ratio"]) for b in blocks]
+        rows.append([f"`{m}`", *cells])
+    rows.append(["none (plain RTN)", *none])
+    return ["metric", *blocks], rows
+
+
 def agreement_table(agreement: dict) -> summary.Table:
     rows = [[f"`{p['a']}` vs `{p['b']}`", f"{p['jaccard_mean']:.3f}",
              "–" if p["spearman_mean"] is None else f"{p['spearman_mean']:+.3f}"] for p in agreement["pairs"]]
@@ -108,6 +129,11 @@ def sections(out_dir: Path, config: dict, agreement: dict | None) -> list[tuple[
     if table is not None:
         out.append(("Metric × condition → perplexity ratio",
                     "perturbed ÷ baseline perplexity, mean ± sample std over seeds (a single seed: its ratio)", table))
+    quant = quantization_matrix(out_dir, config)
+    if quant is not None:
+        out.append(("Metric × block size → quantized perplexity ratio",
+                    "perplexity ÷ unquantized with each metric's Top-K kept in full precision (with as many random "
+                    "weights kept instead), mean over seeds", quant))
     if agreement is not None:
         out.append(("Agreement between metrics", "mean over seeds", agreement_table(agreement)))
     ranks = super_weight_ranks(out_dir, config)

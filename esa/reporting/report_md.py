@@ -14,7 +14,7 @@ from pathlib import Path
 
 from esa.outdir.atomic import atomic_write_text
 from esa.outdir.readers import read_json
-from esa.reporting import metrics_report, summary
+from esa.reporting import metrics_report, quantization, summary
 from esa.reporting.format import count_text, num, ratio_text, sci, verb
 from esa.reporting.plots import PLOTS
 
@@ -27,6 +27,9 @@ FILE_NOTES = {
     "score_distribution.npz": "exact top scores and a weighted sample of all scores per module type (primary seed)",
     "perturbation_results.json": "baseline and every condition's perplexity, per seed, summary, tests, sweep",
     "stability_summary.json": "Jaccard overlap of the Top-K across seeds",
+    "quantization_results.json": "per seed, block size and condition: perplexity, ratio to the unquantized model, "
+                                 "weights protected, mean squared error of the unprotected weights; statistics",
+    "quantization.png": "perplexity vs block size, one line per condition (PNG)",
     "report.md": "this report",
     "super_weights.json": "super-weight candidates (data-free detector), every search pass, ablation, Top-K overlap",
     "super_weights.txt": "the super-weight table as printed",
@@ -39,6 +42,11 @@ def _question(cfg: dict, pert: dict | None) -> str:
     sel = {"per_layer": f"{c['topk']} weights per tensor", "per_row": f"{c['topk']} weights per output row"}.get(
         c["mode"], f"{c['topk']} weights")
     controls = " or ".join(f"`{x}`" for x in c["controls"]) or "no control"
+    if c.get("quantize"):
+        supers = ", or the super-weight candidates," if c.get("detect_super_weights") else ""
+        return (f"**Question.** Does keeping the {sel} of `{c['model']}` with the highest `{c['metric']}` scores "
+                f"(Top-K) in full precision rescue {c['bits']}-bit round-to-nearest quantization, more than keeping "
+                f"as many random weights{supers} (block sizes {', '.join(map(str, c['block_sizes']))})?")
     if not c.get("perturb"):
         return (f"**Question.** Which weights of `{c['model']}` score highest under `{c['metric']}` "
                 f"(Top-K, the {sel}), and how concentrated are the scores? (no perturbation run)")
@@ -52,7 +60,7 @@ def _configuration(cfg: dict, pert: dict | None, manifest: dict | None) -> str:
     c, r, d = cfg["config"], cfg["resolved"], cfg["data"]
     seeds = ", ".join(map(str, r.get("seeds_run") or c["seeds"]))
     perturb = (f"{c['perturb']} (scale {c['perturb_scale']}, prob {c['perturb_prob']})" if c.get("perturb")
-               else "none")
+               else f"none (quantization: {c['quantize']} {c['bits']}-bit)" if c.get("quantize") else "none")
     status = f"; run {manifest['status']} in {manifest.get('wall_time_s', 0):.0f} s" if manifest else ""
     return (f"**Configuration.** {count_text(cfg['targets']['weights'])} weights in {cfg['targets']['count']} "
             f"target tensors; {c['mode']} Top-K; data {d['data_source']}: {c['max_samples']} calibration windows "
@@ -131,6 +139,8 @@ def build_report(out_dir: Path) -> str:
         top = num(pert["conditions"]["top_k"]["ppl"])
         if math.isinf(top):
             lines += ["", "`inf` = the perturbed model's loss overflowed (perplexity infinite)."]
+    elif (out_dir / quantization.RESULTS).is_file():
+        lines += quantization.markdown_section(out_dir)[3:]  # under this Summary heading
     else:
         lines.append("No perturbation was run (no `--perturb`): scores and Top-K only.")
         if stab is not None:

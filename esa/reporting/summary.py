@@ -131,7 +131,7 @@ def console_summary(config: dict, pert: dict | None, stab: dict | None, top_rows
         sweep = sweep_rows(pert)
         if sweep is not None:
             lines += [_sweep_caption(pert), *text(sweep)]
-    else:
+    elif not c.get("quantize"):  # a quantization run prints its own table after this one
         lines.append("(no --perturb given: scores and Top-K only)")
     if stab is not None:
         lines.append(_stability_line(stab))

@@ -24,11 +24,12 @@ from esa.model.device import DeviceChoice, resolve_device
 from esa.model.targets import Target, coverage, find_targets
 from esa.outdir.layout import prepare_out_dir
 from esa.outdir.manifest import Manifest
-from esa.reporting import metrics_report, plots, report_md, summary
+from esa.reporting import metrics_report, plots, quantization, report_md, summary
 from esa.reporting.superweights import format_table, write_super_weights
 from esa.runner import records
 from esa.runner.context import RunContext
 from esa.runner.perturbation import baseline_perplexity, evaluate_conditions, evaluate_sweep, perturbation_results
+from esa.runner.quantization import quantizable, quantization_results
 from esa.runner.seeds import SeedResult, check_sizes, control_context, score_seed
 from esa.superweights.ablation import detection_input, overlap_with_topk, run_super_weights
 from esa.superweights.detect import DEFAULT_PROMPT
@@ -71,6 +72,11 @@ def _load(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, mani
             distributed.barrier()
         model, tok = loading.load_model(cfg.model, device, choice.dtype, cfg.device_map, cfg.offload)
     targets, excluded = scorable_targets(cfg, model)
+    if cfg.quantize:  # the Top-K is chosen among the weights being quantized
+        targets, skipped = quantizable(model, targets, bool(cfg.include))
+        excluded.update(skipped)
+        if not targets:
+            raise UsageError("--quantize: none of the selected weights is a linear weight to quantize")
     check_sizes(cfg, targets)
     if cfg.perturb == "bit_flip":
         resolve_bit(targets[0].param.dtype, cfg.bit_index)  # fail before hours of scoring
@@ -87,8 +93,8 @@ def _load(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, mani
 def warn_partial_coverage(cfg: RunConfig, cov: dict) -> bool:
     """Warn (naming the largest missing tensors) when the run scores less than every matrix weight
     although the user filtered nothing; returns whether it warned."""
-    if cov["scored_share_of_matrix_weights"] >= 1.0 or cfg.include or cfg.exclude:
-        return False
+    if cov["scored_share_of_matrix_weights"] >= 1.0 or cfg.include or cfg.exclude or cfg.quantize:
+        return False  # (--quantize leaves embeddings and the head out on purpose; coverage lists them)
     missing = sorted(((n, e["numel"]) for n, e in cov["excluded"].items()), key=lambda x: -x[1])
     log.warning("scoring %.1f %% of the model's matrix weights; the largest tensors not scored: %s",
                 100 * cov["scored_share_of_matrix_weights"], ", ".join(f"{n} ({c:,})" for n, c in missing[:5]))
@@ -146,14 +152,18 @@ def _run(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manif
                     for name in write_super_weights(sw[m], view.out_dir):
                         view.manifest.add_file(name)
         perturbation = {m: None for m in cfg.metrics}
-        if cfg.perturb:
+        quant = {m: None for m in cfg.metrics}
+        if cfg.perturb or cfg.quantize:
             base = baseline_perplexity(ctx)
             for m, view in views.items():
-                perturbation[m] = _perturb(view, results[m], base)
+                if cfg.perturb:
+                    perturbation[m] = _perturb(view, results[m], base)
+                else:
+                    quant[m] = quantization_results(view, results[m], base, sw[m] if sw else None)
         if not is_main:
             return {"out_dir": str(out_dir), "perturbation": perturbation[cfg.metrics[0]] if not cfg.multi
                     else perturbation}
-        return _write_results(ctx, views, rows, stab, perturbation, sw, agreement)
+        return _write_results(ctx, views, rows, stab, perturbation, sw, agreement, quant)
 
 
 def _stability(view: RunContext, results: list[SeedResult]) -> dict | None:
@@ -218,7 +228,7 @@ def _write_selections(ctx: RunContext, results: list[SeedResult], stab: dict | N
 
 def _write_results(ctx: RunContext, views: dict[str, RunContext], rows: dict[str, list[list]],
                    stab: dict[str, dict | None], perturbation: dict[str, dict | None], sw: dict[str, dict] | None,
-                   agreement: dict | None) -> dict:
+                   agreement: dict | None, quant: dict[str, dict | None]) -> dict:
     """Rank 0's remaining files: each metric's perturbation results and plots, (several metrics) the
     agreement heatmap, then every report.md; then print the summary."""
     cfg, out_dir, manifest = ctx.cfg, ctx.out_dir, ctx.manifest
@@ -227,6 +237,12 @@ def _write_results(ctx: RunContext, views: dict[str, RunContext], rows: dict[str
         if perturbation[m] is not None:
             records.write_json(view.out_dir / "perturbation_results.json", perturbation[m])
             view.manifest.add_file("perturbation_results.json")
+        if quant[m] is not None:  # the experiment's own picture: drawn with or without --save-plots
+            records.write_json(view.out_dir / quantization.RESULTS, quant[m])
+            view.manifest.add_file(quantization.RESULTS)
+            with manifest.phase("plots"):
+                plot_paths.append(quantization.plot(view.out_dir))
+            view.manifest.add_file(quantization.PLOT)
         if cfg.save_plots:
             with manifest.phase("plots"):
                 for path in plots.make_plots(view.out_dir):
@@ -252,7 +268,8 @@ def _write_results(ctx: RunContext, views: dict[str, RunContext], rows: dict[str
     else:
         m = cfg.metric
         text = summary.console_summary(cfg.to_json(), perturbation[m], stab[m], rows[m][:5], ctx.coverage)
+        text += "".join(f"\n{line}" for line in quantization.console_lines(out_dir))
         print(text + (f"\n{format_table(sw[m])}" if sw is not None else ""), flush=True)
     print(summary.files_footer(out_dir, plot_paths), flush=True)
     return {"out_dir": str(out_dir), "perturbation": perturbation if cfg.multi else perturbation[cfg.metric],
-            "agreement": agreement}
+            "agreement": agreement, "quantization": quant if cfg.multi else quant[cfg.metric]}
