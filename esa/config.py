@@ -28,8 +28,9 @@ from esa.outdir.layout import default_out_dir, model_slug
 MODES = ("per_layer", "per_row", "global")
 QUANTIZERS = ("rtn",)
 __all__ = ["CONTROLS", "DATASETS", "DEVICES", "DTYPES", "EMBEDDED_MODEL", "METRICS", "MODES", "PERTURBATIONS",
-           "QUANTIZERS", "RunConfig", "canonical", "default_run_dir", "parse_block_sizes", "parse_controls",
-           "parse_metrics", "parse_seeds", "parse_topk_sweep", "validate"]
+           "QUANTIZERS", "RESULT_FREE", "RunConfig", "canonical", "default_run_dir", "parse_block_sizes",
+           "parse_controls", "parse_metrics", "parse_seeds", "parse_topk_sweep", "resume_config", "stored_config",
+           "validate"]
 
 
 def canonical(value: str, choices: Iterable[str], aliases: Mapping[str, str], what: str) -> str:
@@ -158,6 +159,8 @@ class RunConfig(ModelSpec):
     detect_on_data: bool = False
     dry_run: bool = False
     verbose: bool = False
+    resume: bool = False  # --resume OUT_DIR: continue the run in out_dir (same configuration)
+    overwrite: bool = False  # --overwrite: remove an earlier run's files from out_dir first
     extra: dict = field(default_factory=dict)
 
     @property
@@ -187,6 +190,41 @@ class RunConfig(ModelSpec):
         return d
 
 
+# Fields that do not change what a run computes: --resume may differ in these (and only these).
+RESULT_FREE = frozenset({"out_dir", "dry_run", "verbose", "save_plots", "resume", "overwrite", "extra"})
+FLAG_NAMES = {"metrics": "--metric", "block_sizes": "--block-size", "device_explicit": "--device",
+              "dtype_explicit": "--dtype", "targets": "--targets"}
+
+
+def stored_config(config_json: dict) -> RunConfig:
+    """The RunConfig a run recorded in its config.json (``"config"``): lists back to tuples."""
+    c = dict(config_json["config"])
+    c.pop("metric", None)
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    unknown = set(c) - set(fields)
+    if unknown:
+        raise UsageError(f"--resume: config.json has fields this version does not know: {', '.join(sorted(unknown))}")
+    return RunConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
+
+
+def resume_config(cfg: RunConfig, config_json: dict, explicit: bool) -> RunConfig:
+    """The configuration of ``--resume``: the recorded one, with this invocation's result-free
+    settings (verbose, plots, dry run).  ``explicit`` (the command line sets anything that affects
+    results): it must equal the recorded run in every such field, else UsageError naming each
+    difference."""
+    old = stored_config(config_json)
+    keep = {"out_dir": cfg.out_dir, "verbose": cfg.verbose, "dry_run": cfg.dry_run, "resume": True,
+            "overwrite": False, "save_plots": cfg.save_plots or old.save_plots}
+    if explicit:
+        diff = [f"{FLAG_NAMES.get(f.name, '--' + f.name.replace('_', '-'))}: {getattr(old, f.name)!r} in the run, "
+                f"{getattr(cfg, f.name)!r} now" for f in dataclasses.fields(RunConfig)
+                if f.name not in RESULT_FREE and getattr(cfg, f.name) != getattr(old, f.name)]
+        if diff:
+            raise UsageError("--resume: the command line changes what the run computes (" + "; ".join(diff)
+                             + "); give the run's own command, or only --resume OUT_DIR")
+    return old.replace(**keep)
+
+
 def default_run_dir(cfg: RunConfig) -> Path:
     """``outputs/<model>_<metric>[+<metric>...]_<mode>_k<k>[_<perturb>][_rtn<bits>]_<timestamp>``: an ESA run's
     default --out-dir."""
@@ -198,6 +236,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     """Check everything that can be checked before the model loads; return the config."""
     if cfg.topk <= 0:
         raise UsageError(f"--topk must be a positive integer, got {cfg.topk}")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("give either --resume (continue the run) or --overwrite (replace it), not both")
     if cfg.quantize is not None:
         if cfg.quantize not in QUANTIZERS:
             raise UsageError(f"unknown --quantize {cfg.quantize!r}; choose from {', '.join(QUANTIZERS)}")

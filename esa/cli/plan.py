@@ -10,6 +10,7 @@ from esa.config import RunConfig, default_run_dir
 from esa.data import WIKITEXT2_ENV
 from esa.model import distributed
 from esa.model.device import EMBEDDED_MODEL
+from esa.outdir.layout import describe_run, run_files
 
 OUTPUT_FILES = ("config.json", "experiment_manifest.json", "top_weights.csv", "sensitivity_stats.json",
                 "score_distribution.npz", "report.md")
@@ -108,6 +109,9 @@ def runner_plan(cfg: RunConfig) -> str:
         *([("quantize", quantize_plan(cfg))] if cfg.quantize else []),
         ("super weights", "detect, ablate and rank in each seed's Top-K" if cfg.detect_super_weights else "-"),
         ("outputs", f"{out_dir} -> {', '.join(output_files(cfg))}"
-         + ("" if writable_dir(out_dir) else "  (NOT writable: a real run would stop)")),
+         + ("" if writable_dir(out_dir) else "  (NOT writable: a real run would stop)")
+         + (f"  (holds another run: {describe_run(out_dir)}; a real run would stop; --overwrite replaces it)"
+            if not (cfg.resume or cfg.overwrite) and run_files(out_dir) else "")
+         + ("  (resumed: finished seeds and conditions are skipped)" if cfg.resume else "")),
     ]
     return format_plan("ESA dry run: configuration valid; nothing loaded, nothing written", rows, choice.warnings)

@@ -9,9 +9,11 @@ Builds the parser in argument groups, normalises aliases, freezes the result int
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from esa.cli.common import Parser, add_model_args, add_output_args, guarded, model_spec_args, setup_logging
 from esa.cli.plan import runner_plan
@@ -28,6 +30,7 @@ from esa.config import (
     parse_metrics,
     parse_seeds,
     parse_topk_sweep,
+    resume_config,
     validate,
 )
 from esa.data import DATASET_ALIASES, DATASETS
@@ -145,7 +148,31 @@ def build_parser() -> Parser:
     g = p.add_argument_group("output")
     add_output_args(g, "output directory (default: outputs/<model>_<metric>_<mode>_k<K>[_<perturb>]_<time>)")
     g.add_argument("--save-plots", action="store_true", help="write PNG plots to OUT_DIR/plots/")
+    g.add_argument("--resume", default=None, metavar="OUT_DIR",
+                   help="continue the run in OUT_DIR where it stopped: its configuration (give no other flag that "
+                        "affects results, or exactly the run's own), its checkpoints (finished seeds, evaluated "
+                        "conditions, super weights); the model and data must be unchanged (fingerprints)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="remove an earlier run's files from --out-dir before starting (only the tool's own files)")
     return p
+
+
+def explicit_flags(argv: list[str]) -> set[str]:
+    """The destinations of the flags ``argv`` sets (a second parse with every default suppressed)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def resumed(cfg: RunConfig, argv: list[str]) -> RunConfig:
+    """--resume OUT_DIR: the run's recorded configuration, checked against the command line."""
+    try:
+        recorded = json.loads((Path(cfg.out_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--resume {cfg.out_dir!r}: cannot read its config.json ({exc})") from None
+    given = explicit_flags(argv) - {"resume", "out_dir", "verbose", "dry_run", "save_plots", "overwrite"}
+    return validate(resume_config(cfg, recorded, explicit=bool(given)))
 
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
@@ -154,6 +181,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
              if v is not None]
     if given and not ns.quantize:
         raise UsageError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --quantize")
+    if ns.resume and ns.out_dir and Path(ns.out_dir) != Path(ns.resume):
+        raise UsageError("--resume names the out-dir; give --out-dir only if it is the same folder")
     if ns.quantize and ns.controls is not None:
         raise UsageError("--controls applies to --perturb; --quantize compares its own conditions (none, "
                          "protect_topk, protect_random_k, protect_super_weights)")
@@ -173,7 +202,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         dataset=canonical(ns.dataset, DATASETS, DATASET_ALIASES, "--dataset") if ns.dataset else None,
         max_samples=ns.max_samples, eval_samples=ns.eval_samples, max_length=ns.max_length,
         batch_size=ns.batch_size, include=tuple(ns.include), exclude=tuple(ns.exclude), targets=ns.targets,
-        out_dir=ns.out_dir, save_plots=ns.save_plots, detect_super_weights=ns.detect_super_weights,
+        out_dir=ns.resume or ns.out_dir, save_plots=ns.save_plots, resume=ns.resume is not None,
+        overwrite=ns.overwrite, detect_super_weights=ns.detect_super_weights,
         super_weight_threshold=ns.super_weight_threshold, max_super_weights=ns.max_super_weights,
         super_weight_prompt=ns.super_weight_prompt, detect_on_data=ns.detect_on_data, dry_run=ns.dry_run,
         verbose=ns.verbose,
@@ -185,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = validate(config_from_args(build_parser().parse_args(argv)))
+        if cfg.resume:
+            cfg = resumed(cfg, argv)
         setup_logging(cfg.verbose)
         if cfg.dry_run:
             print(runner_plan(cfg))

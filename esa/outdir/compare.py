@@ -1,8 +1,9 @@
 """Compare two out-dirs file by file, ignoring only what differs between two identical runs.
 
-Ignored: timestamps, timings, throughput, peak memory, the git SHA, the command line and the out-dir path (keys in
-:data:`VOLATILE_KEYS`, at any depth of a JSON file), the run time quoted in report.md, and the zip
-timestamps inside ``.npz`` files (their members are compared byte for byte instead).  Everything
+Ignored: timestamps, timings, throughput, peak memory, the git SHA, the command line, the out-dir
+path and the manifest's record of resumes (keys in :data:`VOLATILE_KEYS`, at any depth of a JSON
+file), the run time quoted in report.md, the zip timestamps inside ``.npz`` files (their members
+are compared byte for byte instead) and the resume state in ``checkpoints/``.  Everything
 else, PNGs included, must be byte-identical.  Used to show that a refactoring or a resumed run
 reproduces an earlier run exactly: ``python scripts/compare_outdirs.py A B``.
 """
@@ -14,8 +15,10 @@ import re
 import zipfile
 from pathlib import Path
 
+from esa.outdir.layout import CHECKPOINT_DIR
+
 VOLATILE_KEYS = frozenset({"started_at", "finished_at", "timings_s", "wall_time_s", "eval_wall_s", "tokens_per_s",
-                           "input_tokens_per_s", "peak_memory", "git_sha", "command", "out_dir"})
+                           "input_tokens_per_s", "peak_memory", "git_sha", "command", "out_dir", "resumes"})
 _REPORT_TIMING = re.compile(r"run (\w+) in [0-9.]+ s")
 
 
@@ -40,9 +43,11 @@ def normalised(path: Path) -> bytes:
 
 
 def files(out_dir: Path) -> set[str]:
-    """Relative paths of the out-dir's files (hidden temporaries excluded)."""
+    """Relative paths of the out-dir's files (hidden temporaries and the resume state in
+    ``checkpoints/`` excluded: what was journalled depends on where a run was interrupted)."""
     return {str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(out_dir).parts)}
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(out_dir).parts)
+            and p.relative_to(out_dir).parts[0] != CHECKPOINT_DIR}
 
 
 def compare(a: Path, b: Path) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -37,3 +38,84 @@ def model_slug(model: str) -> str:
 def default_out_dir(*parts: str) -> Path:
     """``outputs/<part>_<part>_..._<timestamp>``: every tool's default --out-dir."""
     return Path("outputs") / ("_".join(parts) + time.strftime("_%Y%m%d-%H%M%S"))
+
+
+# Every file an ESA run writes (at the top of its out-dir, and in each metrics/<name>/ folder of a
+# multi-metric run); plots/ holds PLOT_FILES, checkpoints/ the resume state.  An out-dir holding any
+# of them belongs to a run: a new run refuses it unless told to --overwrite (which removes exactly
+# these files, never a user's) or to --resume it.
+RUN_FILES = ("config.json", "experiment_manifest.json", "top_weights.csv", "sensitivity_stats.json",
+             "score_distribution.npz", "perturbation_results.json", "stability_summary.json", "report.md",
+             "super_weights.json", "super_weights.txt", "super_weights.png", "quantization_results.json",
+             "quantization.png", "metric_agreement.json", "metric_agreement.png")
+PLOT_FILES = ("score_distribution.png", "topk_locations.png", "score_concentration.png", "perturbation_effect.png",
+              "stability.png", "dose_response.png")
+CHECKPOINT_DIR = "checkpoints"
+METRICS_DIR = "metrics"
+_CHECKPOINT_FILE = re.compile(r"(seed_\d+\.npz|evaluations\.jsonl|super_weights\.json)")
+
+
+def _is_tool_file(folder: str, name: str) -> bool:
+    """Whether ``name`` in ``folder`` ("", "plots", "checkpoints") is a file a run writes, or the hidden
+    temporary of an atomic write of one that a killed run left behind."""
+    temp = re.fullmatch(r"\.(.+)\.[0-9a-f]{8}\.tmp", name)
+    name = temp.group(1) if temp else name
+    if folder == "plots":
+        return name in PLOT_FILES
+    if folder == CHECKPOINT_DIR:
+        return bool(_CHECKPOINT_FILE.fullmatch(name))
+    return name in RUN_FILES
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """The files of a run found in ``out_dir`` (top level, plots/, checkpoints/, metrics/<name>/...)."""
+    out: list[Path] = []
+
+    def scan(root: Path, nested: bool) -> None:
+        if not root.is_dir():
+            return
+        for p in sorted(root.iterdir()):
+            if p.is_file() and _is_tool_file("", p.name):
+                out.append(p)
+            elif p.is_dir() and p.name in ("plots", CHECKPOINT_DIR):
+                out.extend(q for q in sorted(p.iterdir()) if q.is_file() and _is_tool_file(p.name, q.name))
+            elif p.is_dir() and p.name == METRICS_DIR and nested:
+                for sub in sorted(p.iterdir()):
+                    scan(sub, False)
+    scan(out_dir, True)
+    return out
+
+
+def describe_run(out_dir: Path) -> str:
+    """One line naming the run in ``out_dir``: model, metric(s), mode, k, status and start time."""
+    def read(name: str) -> dict:
+        try:
+            return json.loads((out_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+    c = read("config.json").get("config", {})
+    m = read("experiment_manifest.json")
+    what = (f"{c.get('model')}, {c.get('metric')}, {c.get('mode')}, k={c.get('topk')}" if c
+            else "a run without config.json")
+    return f"{what}; status {m.get('status', 'unknown')}, started {m.get('started_at', 'unknown')}"
+
+
+def claim_out_dir(out_dir: Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """Make ``out_dir`` this run's: a fresh run refuses an out-dir holding another run's files (exit 2,
+    naming it) unless ``overwrite``, which removes exactly those files (and the tool's folders, if
+    left empty) first; ``resume`` needs the run's config.json there."""
+    if resume:
+        if not (out_dir / "config.json").is_file():
+            raise UsageError(f"--resume {str(out_dir)!r}: no ESA run there (config.json is missing)")
+        return prepare_out_dir(out_dir)
+    found = run_files(out_dir)
+    if found and not overwrite:
+        raise UsageError(f"--out-dir {str(out_dir)!r} holds another run ({describe_run(out_dir)}); pass --overwrite "
+                         f"to replace it, or --resume {str(out_dir)!r} to continue it")
+    for p in found:
+        p.unlink()
+    for folder in sorted({p.parent for p in found}, key=lambda d: -len(d.parts)):
+        while folder != out_dir and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+    return prepare_out_dir(out_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import sys
 import time
@@ -22,18 +23,43 @@ def peak_memory_mb() -> dict:
     return out
 
 
+# The order in which a run writes its files; the manifest lists them in this order (a metric's
+# folder after the run's own files, metric folders by name; unknown names last, alphabetically).
+FILE_ORDER = ("config.json", "sensitivity_stats.json", "score_distribution.npz", "top_weights.csv",
+              "stability_summary.json", "metric_agreement.json", "super_weights.json", "super_weights.txt",
+              "super_weights.png", "perturbation_results.json", "quantization_results.json", "quantization.png",
+              "plots/score_distribution.png", "plots/topk_locations.png", "plots/score_concentration.png",
+              "plots/perturbation_effect.png", "plots/stability.png", "plots/dose_response.png",
+              "metric_agreement.png", "report.md")
+
+
+def file_order(name: str) -> tuple:
+    parts = name.split("/")
+    folder, rest = (parts[1], "/".join(parts[2:])) if parts[0] == "metrics" and len(parts) > 2 else ("", name)
+    return (folder != "", folder, FILE_ORDER.index(rest) if rest in FILE_ORDER else len(FILE_ORDER), rest)
+
+
 class Manifest:
     """``experiment_manifest.json``: status (running/success/failed/interrupted), error, timings."""
 
-    def __init__(self, out_dir: Path, write: bool = True):
-        # write=False: the manifest of a torchrun rank other than 0, which keeps timings but writes nothing
+    def __init__(self, out_dir: Path, write: bool = True, resume: dict | None = None):
+        # write=False: the manifest of a torchrun rank other than 0, which keeps timings but writes nothing.
+        # resume: what this resumed run could skip; the earlier manifest's record is kept and this resume
+        # is appended to its "resumes" (time, previous status, what was skipped).
         self.write = write
         self.path = out_dir / "experiment_manifest.json"
         self.started = time.time()
         self.timings: dict[str, float] = {}
-        self.data: dict = {"status": "running", "error": None,
-                           "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started))}
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started))
+        self.data: dict = {"status": "running", "error": None, "started_at": now}
         self.files: list[str] = []
+        if resume is not None and self.path.is_file():
+            before = json.loads(self.path.read_text(encoding="utf-8"))
+            self.files = list(before.get("files", []))
+            self.data = {k: v for k, v in before.items() if k not in ("finished_at", "files")}
+            self.data["resumes"] = [*before.get("resumes", []), {"at": now, "previous_status": before.get("status"),
+                                                                 "previous_error": before.get("error"), **resume}]
+            self.data.update(status="running", error=None)
         self.save()
 
     @contextlib.contextmanager
@@ -58,8 +84,11 @@ class Manifest:
             raise
 
     def add_file(self, name: str) -> None:
+        """Record a written file; the list is kept in one canonical order (:func:`file_order`), so it
+        does not depend on which steps a resumed run could skip."""
         if name not in self.files:
             self.files.append(name)
+            self.files.sort(key=file_order)
 
     def save(self) -> None:
         if not self.write:

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from esa.outdir.atomic import atomic_write_text
+from esa.outdir.layout import CHECKPOINT_DIR
 from esa.outdir.readers import read_json
 from esa.reporting import metrics_report, quantization, summary
 from esa.reporting.format import count_text, num, ratio_text, sci, verb
@@ -85,7 +86,8 @@ def file_list(out_dir: Path, manifest: dict | None) -> list[str]:
     """Every file of the out-dir (manifest order first, then anything else found, e.g. re-made plots)."""
     names = list((manifest or {}).get("files", []))
     found = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(out_dir).parts))
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(out_dir).parts)
+                   and p.relative_to(out_dir).parts[0] != CHECKPOINT_DIR)
     order = {f"plots/{s.file}": i for i, s in enumerate(PLOTS)}
     names += sorted((n for n in found if n not in names), key=lambda n: (order.get(n, len(order)), n))
     names += [n for n in ("experiment_manifest.json", "report.md") if n not in names]
@@ -94,6 +96,9 @@ def file_list(out_dir: Path, manifest: dict | None) -> list[str]:
     for n in names:
         if n == "report.md" or (out_dir / n).is_file():
             out.append(f"| `{n}` | {FILE_NOTES.get(n) or (titles.get(n, 'plot') + ' (PNG)')} |")
+    if (out_dir / CHECKPOINT_DIR).is_dir():
+        out.append(f"| `{CHECKPOINT_DIR}/` | resume state: each seed's selections, every evaluated condition, the "
+                   "super-weight search (`--resume OUT_DIR`) |")
     return out
 
 

@@ -12,6 +12,7 @@ from esa.config import RunConfig
 from esa.data import TokenData
 from esa.model.device import DeviceChoice
 from esa.model.targets import Target
+from esa.outdir.journal import Journal
 from esa.outdir.manifest import Manifest, ScopedManifest
 
 METRICS_DIR = "metrics"  # a multi-metric run's per-metric folders: OUT_DIR/metrics/<name>/
@@ -36,12 +37,20 @@ class RunContext:
     is_main: bool
     coverage: dict = field(default_factory=dict)  # esa.model.targets.coverage of the run
     evaluated: dict[str, dict] = field(default_factory=dict)  # evaluation key -> row (shared by the views)
+    journal: Journal | None = None  # checkpoints/evaluations.jsonl: each row as it is measured
+    fingerprints: dict = field(default_factory=dict)  # model weights and data (esa.model.fingerprint)
     names: list[str] = field(init=False)
     by_name: dict[str, Target] = field(init=False)
 
     def __post_init__(self) -> None:
         self.names = [t.name for t in self.targets]
         self.by_name = {t.name: t for t in self.targets}
+
+    def record(self, key: str, row: dict) -> None:
+        """An evaluated condition: kept for reuse in this run and appended to the journal (resume)."""
+        self.evaluated[key] = row
+        if self.journal is not None:
+            self.journal.append(key, row)
 
     def view(self, metric: str) -> RunContext:
         """What a single-metric run of ``metric`` would see: its configuration, and its own folder

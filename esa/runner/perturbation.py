@@ -23,11 +23,14 @@ log = logging.getLogger("esa")
 
 def baseline_perplexity(ctx: RunContext) -> dict:
     """Perplexity of the unmodified model on the evaluation windows (computed once per run)."""
+    if "baseline" in ctx.evaluated:
+        return dict(ctx.evaluated["baseline"])
     with ctx.manifest.phase("evaluation"):
         log.info("baseline perplexity on %d evaluation windows", len(ctx.data.eval_windows))
         base = perplexity(ctx.model, ctx.data.eval_windows, ctx.cfg.batch_size)
     log.info("baseline perplexity %.4f", base["ppl"])
-    return base
+    ctx.record("baseline", base)
+    return dict(base)
 
 
 def evaluate_conditions(ctx: RunContext, result: SeedResult, base: dict | None = None) -> dict:
@@ -86,7 +89,7 @@ def _evaluate(ctx: RunContext, seed: int, conds: list[tuple[str, selection.Selec
                 row = perplexity_row(ctx.model, ctx.data.eval_windows, cfg.batch_size, base["ppl"],
                                      f"seed {seed} {name}")
             conditions[name] = {**row, **info}
-            ctx.evaluated[key] = conditions[name]
+            ctx.record(key, conditions[name])
             if info["n_changed"] < info["n_perturbed"]:
                 log.warning("%s: only %d of %d perturbed weights changed value (the others are exactly 0, "
                             "which %s leaves unchanged)", name, info["n_changed"], info["n_perturbed"], cfg.perturb)

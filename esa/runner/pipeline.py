@@ -1,8 +1,10 @@
 """The ESA run: load -> score -> Top-K (+ controls) -> perturb -> perplexity -> outputs -> report.md.
 
 ``run(cfg)`` is the whole job; the CLI only builds ``cfg``.  Nothing in here sees argparse.  The
-steps live in :mod:`esa.runner.seeds` (scoring and selection per seed),
-:mod:`esa.runner.perturbation` (conditions and statistics) and :mod:`esa.runner.records` (files).
+steps live in :mod:`esa.runner.seeds` (scoring and selection per seed, every metric at once),
+:mod:`esa.runner.perturbation` and :mod:`esa.runner.quantization` (conditions and statistics),
+:mod:`esa.runner.records` (files) and :mod:`esa.runner.checkpoint` (what ``--resume`` skips: each
+seed's selections, each evaluated condition, the super-weight search).
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ from esa.experiment.perturb import resolve_bit
 from esa.metrics import METRICS
 from esa.model import distributed, loading
 from esa.model.device import DeviceChoice, resolve_device
+from esa.model.fingerprint import data_fingerprint, file_fingerprint, weights_fingerprint
 from esa.model.targets import Target, coverage, find_targets
-from esa.outdir.layout import prepare_out_dir
+from esa.outdir.journal import Journal, fault_point
+from esa.outdir.layout import claim_out_dir, describe_run
 from esa.outdir.manifest import Manifest
 from esa.reporting import metrics_report, plots, quantization, report_md, summary
 from esa.reporting.superweights import format_table, write_super_weights
-from esa.runner import records
+from esa.runner import checkpoint, records
 from esa.runner.context import RunContext
 from esa.runner.perturbation import baseline_perplexity, evaluate_conditions, evaluate_sweep, perturbation_results
 from esa.runner.quantization import quantizable, quantization_results
-from esa.runner.seeds import SeedResult, check_sizes, control_context, score_seed
+from esa.runner.seeds import SeedResult, SeedScores, check_sizes, control_context, score_seed
 from esa.superweights.ablation import detection_input, overlap_with_topk, run_super_weights
 from esa.superweights.detect import DEFAULT_PROMPT
 
@@ -48,14 +52,21 @@ def run(cfg: RunConfig) -> dict:
     with distributed.process_group(device):
         is_main = distributed.is_main()
         out_dir = Path(cfg.out_dir) if cfg.out_dir else default_run_dir(cfg)
+        if cfg.resume and checkpoint.finished(out_dir):
+            if is_main:
+                print(f"{out_dir}: this run already finished ({describe_run(out_dir)}); nothing to resume", flush=True)
+            return {"out_dir": str(out_dir), "finished": True}
         if is_main:
-            prepare_out_dir(out_dir)
+            claim_out_dir(out_dir, cfg.resume, cfg.overwrite)
             for w in choice.warnings:
                 log.warning(w)
         if cfg.stability_check and len(cfg.seeds) < 2:
             log.warning("--stability-check needs at least two --seeds: no stability_summary.json is written")
+        skips = checkpoint.resumable(out_dir, cfg.seeds) if cfg.resume else None
+        if skips is not None and is_main:
+            log.info("resuming %s: %s", out_dir, skips)
         try:
-            return _run(cfg, choice, device, out_dir, Manifest(out_dir, write=is_main), is_main)
+            return _run(cfg, choice, device, out_dir, Manifest(out_dir, write=is_main, resume=skips), is_main)
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -83,8 +94,15 @@ def _load(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, mani
     with manifest.phase("load_data"):
         data = load_data(tok, cfg.data_file, cfg.dataset, cfg.max_length, cfg.eval_samples, cfg.max_samples,
                          cfg.data_dir)
-    ctx = RunContext(cfg, choice, model, tok, targets, data, out_dir, manifest, is_main)
+    ctx = RunContext(cfg, choice, model, tok, targets, data, out_dir, manifest, is_main,
+                     journal=Journal(out_dir, write=is_main))
     ctx.coverage = coverage(model, targets, excluded)
+    ctx.fingerprints = {"model_weights": weights_fingerprint(model),
+                        "data": data_fingerprint(data.eval_windows, data.calib_pool, data.data_source),
+                        **({"data_file": file_fingerprint(cfg.data_file)} if cfg.data_file else {})}
+    if cfg.resume:
+        checkpoint.check_fingerprints(out_dir, ctx.fingerprints)
+        ctx.evaluated.update(ctx.journal.load())
     if is_main:
         warn_partial_coverage(cfg, ctx.coverage)
     return ctx
@@ -126,12 +144,15 @@ def _run(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manif
     with manifest.recording():
         ctx = _load(cfg, choice, device, out_dir, manifest, is_main)
         views = {m: ctx.view(m) for m in cfg.metrics}
-        if is_main:
+        if is_main:  # a resumed run keeps the config.json (and the primary seed's statistics) it started with
             for view in ({ctx.out_dir: ctx} | {v.out_dir: v for v in views.values()}).values():
-                view.out_dir.mkdir(parents=True, exist_ok=True)
-                records.write_config(view)
-                view.manifest.add_file("config.json")
-        seeds = [score_seed(ctx, s, write_stats=(i == 0 and is_main)) for i, s in enumerate(cfg.seeds)]
+                if not cfg.resume:
+                    view.out_dir.mkdir(parents=True, exist_ok=True)
+                    records.write_config(view)
+                for name in ("config.json", "sensitivity_stats.json", "score_distribution.npz"):
+                    if (view.out_dir / name).is_file():
+                        view.manifest.add_file(name)
+        seeds = [_seed(ctx, s, primary=(i == 0)) for i, s in enumerate(cfg.seeds)]
         results = {m: [s.results[m] for s in seeds] for m in cfg.metrics}
         stab = {m: _stability(views[m], results[m]) for m in cfg.metrics}
         rows = {m: _write_selections(views[m], results[m], stab[m]) if is_main else [] for m in cfg.metrics}
@@ -166,6 +187,19 @@ def _run(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manif
         return _write_results(ctx, views, rows, stab, perturbation, sw, agreement, quant)
 
 
+def _seed(ctx: RunContext, seed: int, primary: bool) -> SeedScores:
+    """One seed's selections: from its checkpoint when resuming a run that finished it, else scored
+    and selected now, then checkpointed (rank 0) before anything else happens."""
+    if ctx.cfg.resume and (done := checkpoint.load_seed(ctx.out_dir, seed)) is not None:
+        log.info("seed %d: selections read from its checkpoint (not scored again)", seed)
+        return done
+    scored = score_seed(ctx, seed, write_stats=primary and ctx.is_main)
+    if ctx.is_main:
+        checkpoint.save_seed(ctx.out_dir, seed, scored)
+    fault_point(f"seed_done:{seed}")  # tests: killed right after a seed's checkpoint
+    return scored
+
+
 def _stability(view: RunContext, results: list[SeedResult]) -> dict | None:
     cfg = view.cfg
     if not (cfg.stability_check and len(results) >= 2):
@@ -197,13 +231,19 @@ def detect_super_weights(ctx: RunContext) -> dict:
     """The data-free detector of :mod:`esa.superweights.detect` (on the prompt or the first calibration
     windows) and its ablation on the evaluation windows (once per run, whatever the metrics)."""
     cfg, data = ctx.cfg, ctx.data
+    if cfg.resume and (done := checkpoint.load_json(ctx.out_dir, "super_weights.json")) is not None:
+        log.info("super weights: read from the checkpoint (not detected again)")
+        return done
     input_ids = detection_input(ctx.tokenizer, cfg.super_weight_prompt, data.calib_pool, cfg.detect_on_data)
     settings = {"model": cfg.model, "detect_on": "data" if cfg.detect_on_data else "prompt",
                 "prompt": None if cfg.detect_on_data else cfg.super_weight_prompt or DEFAULT_PROMPT,
                 "data_source": data.data_source, "eval_windows": len(data.eval_windows), "max_length": cfg.max_length}
-    return run_super_weights(ctx.model, input_ids, data.eval_windows, threshold=cfg.super_weight_threshold,
-                             max_super_weights=cfg.max_super_weights, batch_size=cfg.batch_size, seed=cfg.seeds[0],
-                             tokenizer=ctx.tokenizer, settings=settings)
+    sw = run_super_weights(ctx.model, input_ids, data.eval_windows, threshold=cfg.super_weight_threshold,
+                           max_super_weights=cfg.max_super_weights, batch_size=cfg.batch_size, seed=cfg.seeds[0],
+                           tokenizer=ctx.tokenizer, settings=settings)
+    if ctx.is_main:
+        checkpoint.save_json(ctx.out_dir, "super_weights.json", sw)
+    return sw
 
 
 def with_overlap(view: RunContext, sw: dict, results: list[SeedResult]) -> dict:
@@ -259,6 +299,7 @@ def _write_results(ctx: RunContext, views: dict[str, RunContext], rows: dict[str
     for view in views.values():
         view.manifest.add_file("report.md")
     manifest.add_file("report.md")
+    fault_point("report")  # tests: killed while the outputs are being written
     manifest.finish("success")
     for view in views.values():
         report_md.write_report(view.out_dir)

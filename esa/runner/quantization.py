@@ -90,7 +90,7 @@ def evaluate(ctx: RunContext, spec: RTN, protect: dict[str, torch.Tensor], base:
     mse, n = quantization_error(ctx.targets, spec, protect)
     row.update(protected=sum(len(v) for v in protect.values()), quantized_weights=n, mse_unprotected=mse)
     log.info("%s: perplexity %s (ratio %.4g, %d weights protected)", label, row["ppl"], row["ratio"], row["protected"])
-    ctx.evaluated[key] = row
+    ctx.record(key, row)
     return dict(row)
 
 

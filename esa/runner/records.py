@@ -48,6 +48,7 @@ def write_config(ctx: RunContext) -> None:
                     "tied": {t.name: list(t.aliases) for t in targets if len(t.aliases) > 1},
                     "layouts": {t.name: list(t.layout) for t in targets if t.layout not in (("out", "in"),)}},
         "coverage": ctx.coverage,
+        "fingerprints": ctx.fingerprints,
         "data": {"data_source": data.data_source, "eval_windows": len(data.eval_windows),
                  "calibration_pool_windows": len(data.calib_pool), "window_tokens": cfg.max_length,
                  "bos_policy": data.bos_policy},

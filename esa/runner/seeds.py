@@ -24,6 +24,7 @@ from esa.model import distributed
 from esa.model.placement import checkpointed_blocks
 from esa.model.targets import Target
 from esa.outdir import atomic
+from esa.outdir.journal import fault_point
 from esa.runner.agreement import seed_agreement
 from esa.runner.context import RunContext
 from esa.runner.score_sample import write_score_sample
@@ -92,6 +93,7 @@ def score_seed(ctx: RunContext, seed: int, write_stats: bool) -> SeedScores:
                 break
             view = ctx.view(scored.metric)
             results[scored.metric] = _select(view, scored, seed, chosen.tolist(), write_stats)
+            fault_point(f"scoring:{seed}")  # tests: killed while this seed is being scored
             if cfg.multi:
                 kept[scored.metric] = scored.scores
             del scored

@@ -111,8 +111,8 @@ def test_bad_inputs_after_loading(tiny, tmp_path, capsys):
         (["--perturb", "bit_flip", "--bit-index", "20", "--dtype", "bf16"], "out of range for torch.bfloat16"),
     ]
     (tmp_path / "file.txt").write_text("x")
-    for extra, needle in cases:
-        assert esa_runner.main(small_args(tiny, tmp_path / "o") + extra) == 2, extra
+    for i, (extra, needle) in enumerate(cases):  # each in its own out-dir: a failed run leaves its manifest
+        assert esa_runner.main(small_args(tiny, tmp_path / f"o{i}") + extra) == 2, extra
         assert needle in _one_error_line(capsys.readouterr().err), extra
 
 

@@ -101,3 +101,16 @@ def test_per_row_mode_runs_end_to_end(tiny, tmp_path):
         assert res["conditions"][cond]["n_perturbed"] == 2 * sum(n_rows.values()), cond
     per_row = Counter((r["parameter"], r["row"]) for r in read_top_rows(folder) if r["seed"] == "0")
     assert set(per_row.values()) == {2} and len(per_row) == sum(n_rows.values())
+
+
+def test_identical_conditions_are_evaluated_once(multi):
+    """random_k is drawn for each metric from the same stream, disjoint from that metric's Top-K; when
+    the draws coincide (no Top-K touched them) the condition is measured once and its row reused."""
+    rows = {m: json.loads((multi / "metrics" / m / "perturbation_results.json").read_text()) for m in METRICS}
+    conditions = sum(len(c) for r in rows.values() for c in r["per_seed"].values())
+    sweep = sum(len(r["sweep"]["k"]) - 1 for r in rows.values()) * 2 * 4  # the other k, 2 seeds, 4 conditions
+    journal = (multi / "checkpoints" / "evaluations.jsonl").read_text().splitlines()
+    assert len(journal) == len({json.loads(line)["key"] for line in journal})  # each measured once
+    assert len(journal) < 1 + conditions + sweep
+    random_ppl = {m: r["per_seed"]["0"]["random_k"]["ppl"] for m, r in rows.items()}
+    assert len(set(random_ppl.values())) < len(METRICS)
