@@ -19,7 +19,7 @@ $(STAMP): requirements.txt
 demo: setup
 	$(OFFLINE) $(BIN)/python esa_runner.py --device auto --metric grad_x_weight --mode per_layer \
 	  --topk 10 --perturb sign_flip --perturb-scale 1.0 --controls random_k,bottom_k --seeds 0 \
-	  --save-plots --out-dir outputs/demo
+	  --save-plots --out-dir outputs/demo --overwrite
 
 # -rs lists every skipped test with its reason (the WikiText-2 tests need ESA_WIKITEXT2_RAW; see README)
 test: setup
