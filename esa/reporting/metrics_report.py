@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from esa.outdir.layout import METRICS_DIR
 from esa.outdir.readers import read_json
 from esa.reporting import summary
 from esa.reporting.format import ratio_text, sci
 from esa.reporting.plotkit import plt, save
 
-METRICS_DIR = "metrics"
 HEATMAP = "metric_agreement.png"
 
 

@@ -13,9 +13,8 @@ from esa.data import TokenData
 from esa.model.device import DeviceChoice
 from esa.model.targets import Target
 from esa.outdir.journal import Journal
+from esa.outdir.layout import METRICS_DIR
 from esa.outdir.manifest import Manifest, ScopedManifest
-
-METRICS_DIR = "metrics"  # a multi-metric run's per-metric folders: OUT_DIR/metrics/<name>/
 
 
 @dataclass

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import logging
 
+import torch
+
 from esa.analysis import significance
 from esa.config import RunConfig
 from esa.data import TokenData
@@ -55,12 +57,13 @@ def evaluate_sweep(ctx: RunContext, result: SeedResult, base: dict, primary: dic
     return out
 
 
-def evaluation_key(sel: selection.Selection, stream: str, cfg: RunConfig) -> str:
-    """What an evaluated condition's row depends on: the perturbation and its settings, the random
-    stream, and the selected weights in their stored order (a Gaussian draw follows that order)."""
-    h = hashlib.sha256(repr((cfg.perturb, cfg.perturb_scale, cfg.perturb_prob, cfg.bit_index, stream)).encode())
-    for name in sorted(sel.indices):
-        h.update(name.encode() + b"\0" + sel.indices[name].numpy().tobytes())
+def evaluation_key(settings: tuple, indices: dict[str, torch.Tensor]) -> str:
+    """What an evaluated condition's row depends on: ``settings`` (the perturbation or quantizer, its
+    parameters, the random stream) and the chosen weights per tensor in their stored order (a
+    Gaussian draw follows that order).  Equal keys, equal rows: the run's evaluation cache."""
+    h = hashlib.sha256(repr(settings).encode())
+    for name in sorted(indices):
+        h.update(name.encode() + b"\0" + indices[name].numpy().tobytes())
     return h.hexdigest()
 
 
@@ -77,7 +80,8 @@ def _evaluate(ctx: RunContext, seed: int, conds: list[tuple[str, selection.Selec
         conditions = {}
         for name, sel in conds:
             stream = f"perturb:{name}{stream_suffix}"
-            key = evaluation_key(sel, f"{seed}:{stream}", cfg)
+            key = evaluation_key((cfg.perturb, cfg.perturb_scale, cfg.perturb_prob, cfg.bit_index, f"{seed}:{stream}"),
+                                 sel.indices)
             if key in ctx.evaluated:
                 conditions[name] = dict(ctx.evaluated[key])
                 log.info("seed %d %s: the same weights as an evaluated condition (perplexity %s), not re-run", seed,

@@ -17,7 +17,6 @@ after every condition.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import torch
@@ -28,6 +27,7 @@ from esa.experiment.controls import sample_excluding
 from esa.experiment.quantize import RTN, quantization_error, quantized
 from esa.model.targets import Target
 from esa.runner.context import RunContext
+from esa.runner.perturbation import evaluation_key
 from esa.runner.seeds import SeedResult
 from esa.seeding import numpy_rng
 
@@ -73,16 +73,9 @@ def candidate_protection(sw: dict | None, names: set[str]) -> dict[str, torch.Te
     return {n: torch.tensor(sorted(set(v)), dtype=torch.int64) for n, v in out.items()}
 
 
-def _key(spec: RTN, protect: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(repr(("rtn", spec.bits, spec.block, spec.clip_z)).encode())
-    for name in sorted(protect):
-        h.update(name.encode() + b"\0" + protect[name].numpy().tobytes())
-    return h.hexdigest()
-
-
 def evaluate(ctx: RunContext, spec: RTN, protect: dict[str, torch.Tensor], base: dict, label: str) -> dict:
     """One condition: perplexity with the quantized weights, the protected count and the error."""
-    key = _key(spec, protect)
+    key = evaluation_key(("rtn", spec.bits, spec.block, spec.clip_z), protect)
     if key in ctx.evaluated:
         return dict(ctx.evaluated[key])
     with ctx.manifest.phase("evaluation"), quantized(ctx.targets, spec, protect):
