@@ -105,11 +105,11 @@ def seeds_child(args) -> int:
 
     n = max(1, args.tokens // args.max_length)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = RunConfig(model=args.model, device=args.device, device_explicit=True, dtype=args.dtype or "bf16",
-                        dtype_explicit=args.dtype is not None, metrics=("grad_x_weight",), mode="global", topk=100,
-                        seeds=tuple(range(args.seeds_child)), data_file=args.data_file, max_samples=n,
-                        eval_samples=1, max_length=args.max_length, batch_size=args.batch_size,
-                        out_dir=str(Path(tmp) / "run"))
+        cfg = RunConfig.of(model=args.model, device=args.device, device_explicit=True, dtype=args.dtype or "bf16",
+                           dtype_explicit=args.dtype is not None, metrics=("grad_x_weight",), mode="global", topk=100,
+                           seeds=tuple(range(args.seeds_child)), data_file=args.data_file, max_samples=n,
+                           eval_samples=1, max_length=args.max_length, batch_size=args.batch_size,
+                           out_dir=str(Path(tmp) / "run"))
         with contextlib.redirect_stdout(sys.stderr):
             run(cfg)
     print(json.dumps({"peak_mb": PeakMemory(args.device).peak_mb()}))

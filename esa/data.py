@@ -18,6 +18,8 @@ can enter a loss.  Calibration and evaluation never overlap:
 BOS policy: when the tokenizer itself prepends a BOS token to encoded text (``add_bos``), every
 window starts with BOS followed by ``max_length - 1`` text tokens, as the model saw in training;
 otherwise windows are raw text tokens.  The policy is recorded in config.json.
+
+May import: esa.errors, esa.registry, esa.naming, esa.seeding, esa.options, esa.model.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import torch
 
 from esa.errors import UsageError
 from esa.model.offline import offline_unless_reachable
+from esa.naming import canonical
+from esa.options import check_spec, opt, positive
 
 log = logging.getLogger("esa")
 
@@ -65,6 +69,43 @@ class TokenData:
     def calibration(self, rng: np.random.Generator, n: int) -> torch.Tensor:
         """``n`` calibration windows ``[n, L]`` drawn by ``rng`` without replacement, in pool order."""
         return self.calib_pool[torch.from_numpy(self.calibration_indices(rng, n))]
+
+
+def parse_dataset(text: str) -> str:
+    return canonical(text, DATASETS, DATASET_ALIASES, "--dataset")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the text comes from and how it is cut into windows (see the module docstring)."""
+
+    data_file: str | None = opt(None, "UTF-8 text file: evaluation = first --eval-samples windows, calibration = "
+                                "windows drawn per seed from the text after them")
+    dataset: str | None = opt(None, f"one of {', '.join(DATASETS)} (calibration = train split, evaluation = test "
+                              "split): from --data-dir, else (wikitext2) the file named by the environment variable "
+                              f"{WIKITEXT2_ENV}, else the datasets library (cache or hub)", parse=parse_dataset)
+    data_dir: str | None = opt(None, "with --dataset: a folder holding the raw files wiki.test.raw (and "
+                               "wiki.train.raw; without it calibration comes from the test split after the "
+                               "evaluation windows)", metavar="DIR")
+    max_samples: int = opt(32, "calibration windows used for scoring", check=positive)
+    eval_samples: int = opt(16, "evaluation windows used for perplexity", check=positive)
+    max_length: int = opt(256, "tokens per window",
+                          check=lambda v: None if v >= 2 else f"must be at least 2 tokens, got {v}")
+    batch_size: int = opt(4, "windows per forward pass", check=positive)
+
+
+def validate_data(spec: DataSpec) -> None:
+    """Everything about the data that can be checked before the model loads (UsageError)."""
+    check_spec(spec)
+    if spec.data_file is not None and spec.dataset is not None:
+        raise UsageError("give either --data-file or --dataset, not both")
+    if spec.data_dir is not None:
+        if spec.dataset is None:
+            raise UsageError("--data-dir needs --dataset (it holds that dataset's raw files)")
+        if not os.path.isdir(spec.data_dir):
+            raise UsageError(f"--data-dir {spec.data_dir!r} does not exist or is not a folder")
+    if spec.data_file is not None:
+        check_text_file(spec.data_file, "--data-file")
 
 
 def check_text_file(path: str, flag: str) -> None:
@@ -317,7 +358,8 @@ def default_eval_text() -> tuple[str, str]:
 
 def load_data(tokenizer, data_file: str | None, dataset: str | None, max_length: int, eval_samples: int,
               max_samples: int, data_dir: str | None = None) -> TokenData:
-    """The evaluation windows and calibration pool of a run (see the module docstring for the order)."""
+    """The evaluation windows and calibration pool of a run (see the module docstring for the order;
+    :func:`load_spec` takes a :class:`DataSpec`)."""
     policy = bos_policy(tokenizer)
     kw = dict(max_length=max_length, eval_samples=eval_samples, max_samples=max_samples, policy=policy)
     if data_file is not None:
@@ -330,3 +372,9 @@ def load_data(tokenizer, data_file: str | None, dataset: str | None, max_length:
         return data
     warn_sample_corpus_fallback()
     return from_text(sample_corpus(), SAMPLE_SOURCE, tokenizer, **kw)
+
+
+def load_spec(tokenizer, spec: DataSpec) -> TokenData:
+    """:func:`load_data` of a run's :class:`DataSpec`."""
+    return load_data(tokenizer, spec.data_file, spec.dataset, spec.max_length, spec.eval_samples, spec.max_samples,
+                     spec.data_dir)

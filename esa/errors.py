@@ -2,6 +2,8 @@
 
 Every mistake detectable from the user's input (flags, files, model ids) raises
 :class:`UsageError`; each command line prints its message as one line and exits with code 2.
+
+May import: nothing.
 """
 
 

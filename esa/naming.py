@@ -1,14 +1,18 @@
-"""Parameter names: coarse module types, block (layer) index, and --include/--exclude patterns.
+"""Names: coarse module types and block (layer) index of parameter names, --include/--exclude
+patterns, and the canonical spelling of a registered name (aliases).
 
 Pure string work (no torch), shared by the model code, the analysis and the reports.  Module types
 come from generic naming conventions (no per-model tables) and group weights in plots: q, k, v, o
 (attention), gate, up, down (MLP), embeddings, lm_head and other (fused projections such as
 GPT-2's ``c_attn``, norms, anything unrecognised).
+
+May import: esa.errors.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 
 from esa.errors import UsageError
 
@@ -49,3 +53,14 @@ def compile_patterns(patterns: tuple[str, ...], flag: str) -> tuple[re.Pattern[s
         except re.error as exc:
             raise UsageError(f"{flag} {p!r} is not a valid regular expression: {exc}") from None
     return tuple(out)
+
+
+def canonical(value: str, choices: Iterable[str], aliases: Mapping[str, str], what: str) -> str:
+    """Map ``value`` (or one of its aliases, case-insensitively, ``-`` read as ``_``) to its canonical
+    name among ``choices``; anything else is a usage error listing them."""
+    key = value.strip().lower().replace("-", "_")
+    key = aliases.get(key, aliases.get(value.strip().lower(), key))
+    choices = tuple(choices)
+    if key not in choices:
+        raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+    return key

@@ -3,6 +3,8 @@
 A registry maps a canonical name to a record.  Registering a name twice is an error (a second
 module silently replacing the first is how two metrics end up with one name); a lookup that
 misses lists the registered names.  Aliases (other spellings users type) map to canonical names.
+
+May import: nothing.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """``python -m esa.report OUT_DIR``: redraw the plots and rewrite report.md of an out-dir (kept at this
-path for old commands; the code lives in :mod:`esa.cli.report`)."""
+path for old commands; the code lives in :mod:`esa.cli.report`).
+
+May import: esa.cli.
+"""
 
 import sys
 

@@ -26,8 +26,11 @@ FAMILIES = {
     "qwen2_moe": dict(MOE, shared_expert_intermediate_size=16, decoder_sparse_step=1),
     "qwen3_moe": dict(MOE, head_dim=8, decoder_sparse_step=1),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    # experts read as x @ W[e] ([expert, in, out], no is_transposed flag) and stacked per-expert biases
+    # [expert, out] that no F.linear reads: their layout comes from how one forward reads them
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8),
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
 
 
 def build(family: str, vocab: int, seed: int = 0, **special) -> torch.nn.Module:

@@ -2,5 +2,6 @@
 model (``scripts/baseline_runner.py``; flags in :mod:`esa.cli.baseline`).
 
 ``evaluate`` (windows, strides, metric definitions), ``config`` (presets), ``run`` (the job).
-May import: esa.errors, esa.registry, esa.naming, esa.seeding, esa.outdir, esa.model, esa.data, esa.config.
+May import: esa.errors, esa.registry, esa.naming, esa.seeding, esa.options, esa.outdir, esa.model, esa.data, esa.config,
+esa.evaluators.
 """

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from esa.evaluators.spec import EvaluationSpec
 from esa.model.device import ModelSpec
+from esa.options import opt
+from esa.seeding import parse_seeds
 
 PRESETS = {
     "smoke": {"contexts": (256,), "strides": (None,), "max_windows": 32},
@@ -25,7 +28,9 @@ ROW_JOIN_NOTE = ("datasets: the whole test split via the datasets library, rows 
 class BaselineConfig(ModelSpec):
     """The resolved flags; ``*_explicit`` record what the user gave (presets fill the rest)."""
 
-    preset: str = "standard"
+    preset: str = opt("standard", "preset (fills --context-lens, --stride and --max-windows where not given)",
+                      flag="--baseline", choices=tuple(sorted(PRESETS)))
+    # The preset's: the flags of these four default to the chosen --baseline preset (esa.cli.baseline)
     datasets: tuple[str, ...] = ()  # canonical dataset names or file paths; () = the default chain
     contexts: tuple[int, ...] = (512, 1024, 2048)
     contexts_explicit: bool = False
@@ -33,10 +38,12 @@ class BaselineConfig(ModelSpec):
     max_windows: int | None = None
     batch_size: int | None = None
     batch_tokens: int | None = None
-    seeds: tuple[int, ...] = (0,)
-    out_dir: str | None = None
-    dry_run: bool = False
-    verbose: bool = False
+    seeds: tuple[int, ...] = opt((0,), "comma list; deterministic baseline: same result for every seed",
+                                 parse=parse_seeds, show_default="0")
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    out_dir: str | None = opt(None, "output directory (default: outputs/baseline_<model>_<preset>_<time>)")
+    dry_run: bool = opt(False, "validate the configuration, print the plan and exit without loading the model")
+    verbose: bool = opt(False, "debug logs and tracebacks", short="-v")
 
     def windows_per_batch(self, context: int) -> int:
         return self.batch_size or max(1, (self.batch_tokens or DEFAULT_BATCH_TOKENS) // context)

@@ -225,11 +225,11 @@ def evaluate_plan(model: torch.nn.Module, plan: WindowPlan, batch_size: int, des
             "peak_memory": peak_memory_mb()}
 
 
-def evaluate_text(model: torch.nn.Module, tokenizer, tokens: torch.Tensor, text: str, context: int,
-                  stride: int | None, policy: dict, batch_size: int, max_windows: int | None = None,
-                  desc: str = "baseline") -> dict:
-    """One row of baseline_results.json: ``text`` (tokenized as ``tokens``) at one context/stride."""
-    plan = plan_windows(tokens, context, stride, policy, max_windows)
+def evaluate_text(model: torch.nn.Module, tokenizer, tokens: torch.Tensor, text: str, plan: WindowPlan,
+                  batch_size: int, desc: str = "baseline") -> dict:
+    """One row of baseline_results.json: ``text`` (tokenized as ``tokens``) read by the windows of ``plan``
+    (:func:`plan_windows` at one context and stride)."""
+    context = plan.context
     res = evaluate_plan(model, plan, batch_size, desc)
     span, how = evaluated_text(plan, tokens, text, tokenizer)
     return {"context": context, "mode": "strided" if plan.strided else "non_overlapping",

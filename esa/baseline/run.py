@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -14,9 +13,11 @@ from esa.baseline import evaluate as baseline
 from esa.baseline.config import ROW_JOIN_NOTE, SEED_SEMANTICS, BaselineConfig, stride_label
 from esa.data import DATASETS, bos_policy, tokenize
 from esa.errors import UsageError
+from esa.evaluators import EvalInputs
 from esa.model.forward import NaNLossError
 from esa.model.introspect import model_record
 from esa.model.session import start_tool
+from esa.options import flat_json
 from esa.outdir.atomic import write_json
 from esa.outdir.provenance import git_sha, versions
 
@@ -83,6 +84,19 @@ def print_table(rows: list[dict]) -> None:
     print("\n".join(lines), flush=True)
 
 
+def other_evaluations(cfg: BaselineConfig, model, tok, tokens, context: int, policy: dict) -> dict:
+    """Every evaluator but perplexity (whose table this tool is), once on the unmodified model: on the
+    non-overlapping windows of the first dataset at the first context (``--max-windows`` of them)."""
+    plan = baseline.plan_windows(tokens, context, None, policy, cfg.max_windows)
+    windows = plan.groups[0][0]
+    evaluators = cfg.evaluation.build(EvalInputs(windows, cfg.windows_per_batch(context), tok))[1:]
+    out = {"windows": int(windows.shape[0]), "window_tokens": int(windows.shape[1])}
+    for ev in evaluators:
+        log.info("baseline %s on %d windows of %d tokens", ev.name, *windows.shape)
+        out[ev.name] = ev.evaluate(model, None, "baseline")
+    return out
+
+
 def run(cfg: BaselineConfig, out_dir: str | Path) -> int:
     """Load the model, evaluate every dataset x context x stride, write the files; the exit code."""
     out_dir, choice, manifest, model, tok = start_tool(Path(out_dir), cfg.model, cfg.device, cfg.device_explicit,
@@ -94,7 +108,7 @@ def run(cfg: BaselineConfig, out_dir: str | Path) -> int:
             texts = [(name, text, source, tokenize(tok, text)) for name, text, source in load_texts(cfg)]
         rows: list[dict] = []
         results = {"tool": "baseline_runner", "model": cfg.model, "model_description": model_record(model),
-                   "config": dataclasses.asdict(cfg), "command": sys.argv,
+                   "config": flat_json(cfg), "command": sys.argv,
                    "resolved": {"device": choice.device, "dtype": choice.dtype, "contexts": list(contexts),
                                 "warnings": list(choice.warnings)},
                    "bos_policy": policy, "seeds": list(cfg.seeds), "seed_semantics": SEED_SEMANTICS,
@@ -116,8 +130,8 @@ def run(cfg: BaselineConfig, out_dir: str | Path) -> int:
                     head = {"dataset": name, "source": source, "context": context, "stride": s}
                     try:
                         with manifest.phase("evaluate"):
-                            row = baseline.evaluate_text(model, tok, tokens, text, context, s, policy, bs,
-                                                         cfg.max_windows, desc=f"{name}@{context}")
+                            plan = baseline.plan_windows(tokens, context, s, policy, cfg.max_windows)
+                            row = baseline.evaluate_text(model, tok, tokens, text, plan, bs, desc=f"{name}@{context}")
                         rows.append({**head, **row})
                         log.info("%s: context %d: ppl %.4f over %d tokens", name, context, row["ppl"], row["tokens"])
                     except NaNLossError as exc:
@@ -125,6 +139,10 @@ def run(cfg: BaselineConfig, out_dir: str | Path) -> int:
                         rows.append({**head, "error": str(exc)})
                     write_json(out_dir / "baseline_results.json", results)  # after every row: long runs show progress
                     manifest.add_file("baseline_results.json")
+        if len(cfg.evaluation.evaluate) > 1:
+            with manifest.phase("evaluate"):
+                results["evaluations"] = other_evaluations(cfg, model, tok, texts[0][3], contexts[0], policy)
+            write_json(out_dir / "baseline_results.json", results)
         print_table(rows)
         failed = [r for r in rows if "error" in r]
         manifest.finish("failed" if failed else "success",

@@ -28,37 +28,38 @@ import sys
 from pathlib import Path
 
 from esa.baseline.config import DEFAULT_BATCH_TOKENS, PRESETS, ROW_JOIN_NOTE, BaselineConfig, stride_label
-from esa.cli.common import (
-    Parser,
-    add_model_args,
-    add_output_args,
-    model_spec_args,
-    plan_device,
-    tool_main,
-)
-from esa.config import canonical, parse_seeds
+from esa.cli import flags
+from esa.cli.common import Parser, explicit, plan_device, tool_main
 from esa.data import DATASET_ALIASES, DATASETS, check_text_file
 from esa.errors import UsageError
+from esa.evaluators import evaluator_options
+from esa.evaluators.spec import EvaluationSpec, validate_evaluation
+from esa.model.device import ModelSpec
+from esa.naming import canonical
+from esa.options import spec_options
 from esa.outdir.layout import default_out_dir, model_slug
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="baseline_runner.py", description=__doc__.split("\n\n")[0])
-    add_model_args(p)
-    p.add_argument("--baseline", choices=sorted(PRESETS), default="standard", help="preset")
+    declared = spec_options(BaselineConfig)
+    flags.add_options(p, declared[:4])  # --model, --device, --dtype, --baseline
     p.add_argument("--datasets", default=None, help=f"comma list of {', '.join(DATASETS)} (test split) and/or "
                    "text file paths (whole file); default: WikiText-2, else the bundled corpus (warning)")
     p.add_argument("--context-lens", default=None, help="comma list of window lengths in tokens")
     p.add_argument("--stride", default=None, help="sliding-window stride in tokens, 'half' (= context/2) or "
                    "'none' (non-overlapping windows); a comma list evaluates each. Default: none")
-    p.add_argument("--seeds", default="0", help="comma list; deterministic baseline: same result for every seed")
+    flags.add_options(p, [o for o in declared[4:] if o.name == "seeds"])
     g = p.add_mutually_exclusive_group()
     g.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
     g.add_argument("--batch-tokens", type=int, default=None,
                    help="tokens per forward pass (windows = max(1, tokens // context); "
                         f"default {DEFAULT_BATCH_TOKENS})")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows per evaluation")
-    add_output_args(p, "output directory (default: outputs/baseline_<model>_<preset>_<time>)")
+    flags.add_options(p.add_argument_group("evaluation (the unmodified model's perplexity table; any other evaluator "
+                                           "is measured once, on the first dataset's windows at the first context)"),
+                      spec_options(EvaluationSpec) + evaluator_options())
+    flags.add_options(p, [o for o in declared[4:] if o.name in ("out_dir", "dry_run", "verbose")])
     return p
 
 
@@ -106,9 +107,15 @@ def _datasets(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def config_from_args(ns: argparse.Namespace) -> BaselineConfig:
+def config_from_args(argv: list[str]) -> BaselineConfig:
     """Validate every flag that can be checked without the model and apply the preset."""
-    preset = PRESETS[ns.baseline]
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    vals = flags.values(ns)
+    given = flags.typed(parser, argv)
+    evaluation = flags.evaluation(vals, given)
+    validate_evaluation(evaluation)
+    preset = PRESETS[ns.preset]
     contexts = _ints(ns.context_lens, "--context-lens", 2) if ns.context_lens is not None else preset["contexts"]
     strides = _strides(ns.stride) if ns.stride is not None else preset["strides"]
     for s in strides:
@@ -119,11 +126,12 @@ def config_from_args(ns: argparse.Namespace) -> BaselineConfig:
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
     return BaselineConfig(
-        **model_spec_args(ns), preset=ns.baseline,
+        **{o.name: vals[o.name] for o in spec_options(ModelSpec)}, **explicit(given),
+        preset=ns.preset, evaluation=evaluation,
         datasets=_datasets(ns.datasets) if ns.datasets is not None else (),
         contexts=contexts, contexts_explicit=ns.context_lens is not None, strides=strides,
         max_windows=ns.max_windows if ns.max_windows is not None else preset["max_windows"],
-        batch_size=ns.batch_size, batch_tokens=ns.batch_tokens, seeds=parse_seeds(ns.seeds),
+        batch_size=ns.batch_size, batch_tokens=ns.batch_tokens, seeds=ns.seeds,
         out_dir=ns.out_dir, dry_run=ns.dry_run, verbose=ns.verbose)
 
 
@@ -153,8 +161,7 @@ def plan(cfg: BaselineConfig) -> tuple[str, list[tuple[str, str]], tuple[str, ..
 
 
 def main(argv: list[str] | None = None) -> int:
-    return tool_main(argv, lambda a: config_from_args(build_parser().parse_args(a)), plan, "esa.baseline.run:run",
-                     default_baseline_dir)
+    return tool_main(argv, config_from_args, plan, "esa.baseline.run:run", default_baseline_dir)
 
 
 if __name__ == "__main__":

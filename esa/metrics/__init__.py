@@ -5,10 +5,12 @@ the registry; ``passes`` runs each kind of scoring pass once for all requested m
 (``score_metrics``, ``compute_scores``); ``grads`` the fp32 gradient accumulators.  ``gradient``
 (grad_x_weight, grad_squared), ``curvature`` (hessian_diag, hutchinson_diag), ``activation``
 (act_mag), ``magnitude``, ``taylor`` (taylor2) and ``obs`` each register their metrics.  Every
-module of this package is imported here, so a new metric is one new file (plus its test).
+module of this package is imported here, so a new metric is one new file (plus its test): its flags,
+``--help``, the dry run and ``config.json`` come from its registration.  ``spec`` holds the run's
+scoring settings (:class:`~esa.metrics.spec.ScoringSpec`).
 
-May import: esa.model, esa.seeding, esa.registry, esa.errors.  Never the experiment, the runner,
-the out-dir or reporting.
+May import: esa.errors, esa.registry, esa.naming, esa.seeding, esa.options, esa.model.  Never the
+experiment, the runner, the out-dir or reporting.
 """
 
 import importlib
@@ -18,7 +20,8 @@ from esa.metrics.passes import Scored, compute_scores, score_metrics
 from esa.metrics.registry import METRICS, Collector, Metric, MetricContext, Scores, metric
 
 for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+    if _module.name != "spec":  # the run's scoring settings: imported by the config, after every metric registered
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METRICS", "Collector", "Metric", "MetricContext", "Scored", "Scores", "compute_scores", "metric",
            "score_metrics"]

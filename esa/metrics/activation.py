@@ -32,8 +32,14 @@ def hooked_use(use: Use) -> bool:
 
 
 def can_score(t: Target) -> str | None:
-    """Why act_mag cannot score ``t`` (it has no input-feature axis: a norm scale or bias), or None."""
-    return None if t.axis("in") is not None else "act_mag needs an input-feature axis (1-D norm scale or bias)"
+    """Why act_mag cannot score ``t`` (it has no input-feature axis: a norm scale or bias, or a weight
+    the model never reads as a linear map), or None."""
+    if t.axis("in") is not None:
+        return None
+    if t.param.ndim < 2:
+        return "act_mag needs an input-feature axis (1-D norm scale or bias)"
+    return ("act_mag needs an input-feature axis: not read as a linear map by any F.linear/matmul/F.embedding "
+            "call (e.g. a stacked per-expert bias)")
 
 
 @metric("act_mag", aliases=("activation_magnitude", "act_magnitude", "wanda"), needs=("forward",),

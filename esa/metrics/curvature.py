@@ -38,6 +38,7 @@ from esa.metrics.registry import Collector, metric
 from esa.model import distributed
 from esa.model.forward import batches, nll_sum
 from esa.model.introspect import input_device, using_implementation
+from esa.options import Option, positive
 from esa.seeding import torch_generator
 
 if TYPE_CHECKING:
@@ -99,7 +100,9 @@ def hutchinson_signed(model, targets: list[Target], windows: torch.Tensor, batch
 
 @metric("hutchinson_diag", aliases=("hutchinson",), needs=("forward", "backward", "hvp"),
         help="|mean_z z*(Hz)|, Rademacher probes (--hutchinson-samples), H = Hessian of the mean token loss",
-        unit="|diag H| (nats / weight unit²; Hutchinson)")
+        unit="|diag H| (nats / weight unit²; Hutchinson)",
+        options=(Option("hutchinson_samples", 16, "Rademacher probes for hutchinson_diag (one Hessian-vector "
+                        "product each)", check=positive),))
 class HutchinsonDiag(Collector):
     def own_passes(self, model, targets, windows, batch_size) -> None:
         ctx = self.ctx
@@ -117,7 +120,9 @@ class HutchinsonDiag(Collector):
 @metric("hessian_diag", aliases=("hessian",), needs=("forward", "backward", "per_window"),
         help="Gauss-Newton (true Fisher) diagonal (1/N) sum_t J_t^T (diag p_t - p_t p_t^T) J_t, estimated with "
              "labels sampled from the model (--curvature-samples per window)",
-        unit="Gauss–Newton diag (nats / weight unit²)")
+        unit="Gauss–Newton diag (nats / weight unit²)",
+        options=(Option("curvature_samples", 1, "Monte-Carlo label draws per calibration window for hessian_diag",
+                        check=positive),))
 class HessianDiag(Collector):
     def own_passes(self, model, targets, windows, batch_size) -> None:
         ctx, samples = self.ctx, self.ctx.curvature_samples

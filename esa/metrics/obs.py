@@ -30,6 +30,7 @@ from esa.metrics.activation import broadcast_ids, hooked_use
 from esa.metrics.registry import Collector, metric
 from esa.model import distributed
 from esa.model.targets import Target
+from esa.options import Option, finite_non_negative
 
 
 def can_score(t: Target) -> str | None:
@@ -56,7 +57,10 @@ def inverse_diagonal(h_sum: torch.Tensor, n: int, damp: float) -> tuple[torch.Te
 @metric("obs", aliases=("sparsegpt", "optimal_brain_surgeon"), needs=("forward",), can_score=can_score,
         help="w_ij^2 / [H^-1]_jj with H = 2 X^T X / n + damp (--obs-damp) per linear input (Optimal Brain Surgeon "
              "saliency as in SparseGPT, Frantar & Alistarh 2023)",
-        unit="w²/[H⁻¹]ⱼⱼ (weight units² × activation units²; OBS)")
+        unit="w²/[H⁻¹]ⱼⱼ (weight units² × activation units²; OBS)",
+        options=(Option("obs_damp", 0.01, "obs: dampening added to H as a fraction of mean(diag H) (SparseGPT's "
+                        "0.01); raised tenfold (and recorded) while H is not positive definite", parse=float,
+                        check=finite_non_negative),))
 class OBS(Collector):
     observes = True
 

@@ -24,7 +24,6 @@ gradient sum read (``batch``, ``window_sq``), plus each metric's own (see README
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,7 +117,7 @@ def score_metrics(metrics: list[str], model: torch.nn.Module, targets: list[Targ
     local, offset = distributed.shard(windows)
     ctx.n_windows, ctx.window_offset = len(windows), offset
     collectors: dict[str, Collector | None] = {
-        m: METRICS[m].collector(dataclasses.replace(ctx, extra_stats={})) for m in metrics}
+        m: METRICS[m].collector(ctx.fresh()) for m in metrics}
     readers = {s: [m for m, c in collectors.items() if s in c.gradients] for s in GRADIENTS}
     observers = [c for c in collectors.values() if c.observes]
     desc = "+".join(metrics)

@@ -18,13 +18,15 @@ costs), so adding a metric is one module in this package; the package imports ev
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from esa.options import Option, Options
 from esa.registry import Registry
 
 if TYPE_CHECKING:
@@ -39,23 +41,41 @@ GRADIENTS = {
 }
 
 
-@dataclass
 class MetricContext:
-    """What a metric may need beyond the data: the seed (for its own random streams), the number of
-    Hutchinson probes and of Monte-Carlo label samples, and a place for extra per-tensor statistics
-    (e.g. the signed Hutchinson estimate's summary) that end up in sensitivity_stats.json."""
+    """What a metric may need beyond the data: the seed (for its own random streams), the metric
+    options of the run (each declared by the metric that reads it, e.g. ``hutchinson_samples``; read as
+    attributes: ``ctx.hutchinson_samples``), and a place for extra per-tensor statistics (e.g. the
+    signed Hutchinson estimate's summary) that end up in sensitivity_stats.json.
 
-    seed: int = 0
-    hutchinson_samples: int = 16
-    curvature_samples: int = 1
-    obs_damp: float = 0.01  # obs: dampening λ as a fraction of mean(diag H)
-    # the forward is recomputed in backward (gradient checkpointing): forward hooks must not ride a backward pass
-    recomputes_forward: bool = False
-    extra_stats: dict[str, dict] = field(default_factory=dict)
-    # Set by the pass engine: windows over all ranks (normalisations use this, not the local share)
-    # and the global index of this rank's first window (per-window random streams use it).
-    n_windows: int = 0
-    window_offset: int = 0
+    ``MetricContext(seed=3, hutchinson_samples=2)``: options not given take their declared defaults;
+    an unknown option is an error.
+    """
+
+    def __init__(self, seed: int = 0, recomputes_forward: bool = False, **options: Any) -> None:
+        defaults = Options.defaults(metric_options())
+        unknown = set(options) - set(defaults)
+        if unknown:
+            raise TypeError(f"unknown metric options {sorted(unknown)}; declared: {', '.join(defaults)}")
+        self.seed = seed
+        # the forward is recomputed in backward (gradient checkpointing): forward hooks must not ride a backward pass
+        self.recomputes_forward = recomputes_forward
+        self.options = defaults.replace(**options)
+        self.extra_stats: dict[str, dict] = {}
+        # Set by the pass engine: windows over all ranks (normalisations use this, not the local share)
+        # and the global index of this rank's first window (per-window random streams use it).
+        self.n_windows = 0
+        self.window_offset = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "options":  # not set yet (copying)
+            raise AttributeError(name)
+        return getattr(self.options, name)
+
+    def fresh(self) -> MetricContext:
+        """A copy with its own, empty ``extra_stats`` (one per metric of a scoring call)."""
+        out = copy.copy(self)
+        out.extra_stats = {}
+        return out
 
 
 class Collector:
@@ -110,6 +130,7 @@ class Metric:
     needs: frozenset[str]
     aliases: tuple[str, ...] = ()
     can_score: Callable[[Target], str | None] | None = None  # why a target cannot be scored, or None
+    options: tuple[Option, ...] = ()  # settings it reads from MetricContext (flags of esa_runner)
 
     def record(self) -> dict:
         """The JSON-ready description written to config.json."""
@@ -120,9 +141,10 @@ METRICS: Registry[Metric] = Registry("metric")
 
 
 def metric(name: str, *, help: str, unit: str, needs: tuple[str, ...], aliases: tuple[str, ...] = (),
-           can_score: Callable[[Target], str | None] | None = None
+           can_score: Callable[[Target], str | None] | None = None, options: tuple[Option, ...] = ()
            ) -> Callable[[type[Collector]], type[Collector]]:
-    """Register the decorated :class:`Collector` subclass as metric ``name`` (a duplicate name is an error)."""
+    """Register the decorated :class:`Collector` subclass as metric ``name`` (a duplicate name is an error);
+    ``options``: the settings it reads (``esa_runner`` turns each into a flag)."""
     unknown = set(needs) - set(NEEDS)
     if unknown:
         raise ValueError(f"metric {name!r}: unknown needs {sorted(unknown)}; choose from {', '.join(NEEDS)}")
@@ -130,6 +152,15 @@ def metric(name: str, *, help: str, unit: str, needs: tuple[str, ...], aliases: 
     def deco(cls: type[Collector]) -> type[Collector]:
         if set(cls.gradients) - set(GRADIENTS):
             raise ValueError(f"metric {name!r}: unknown gradients {sorted(set(cls.gradients) - set(GRADIENTS))}")
-        METRICS.add(name, Metric(name, cls, help, unit, frozenset(needs), aliases, can_score), aliases)
+        taken = {o.name for o in metric_options()}
+        clash = [o.name for o in options if o.name in taken]
+        if clash:
+            raise ValueError(f"metric {name!r}: options {clash} are already declared by another metric")
+        METRICS.add(name, Metric(name, cls, help, unit, frozenset(needs), aliases, can_score, options), aliases)
         return cls
     return deco
+
+
+def metric_options() -> list[Option]:
+    """Every option declared by a registered metric, in registration order."""
+    return [o for name in METRICS for o in METRICS[name].options]

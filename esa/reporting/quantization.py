@@ -9,6 +9,7 @@ from pathlib import Path
 from esa.outdir.readers import read_json
 from esa.reporting import summary
 from esa.reporting.format import ratio_text, sci
+from esa.reporting.parts import Part, register
 from esa.reporting.plotkit import COND_COLORS, plt, save
 
 RESULTS = "quantization_results.json"
@@ -97,3 +98,7 @@ def plot(out_dir: Path) -> Path | None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return save(fig, out_dir / PLOT)
+
+
+# The quantization table sits in report.md's Summary (report_md), so the part adds no section of its own.
+register(Part(RESULTS, figure=plot, console=console_lines))

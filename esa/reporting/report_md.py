@@ -15,7 +15,7 @@ from pathlib import Path
 from esa.outdir.atomic import atomic_write_text
 from esa.outdir.layout import CHECKPOINT_DIR
 from esa.outdir.readers import read_json
-from esa.reporting import metrics_report, quantization, summary
+from esa.reporting import metrics_report, parts, quantization, summary
 from esa.reporting.format import count_text, num, ratio_text, sci, verb
 from esa.reporting.plots import PLOTS
 
@@ -151,6 +151,7 @@ def build_report(out_dir: Path) -> str:
         if stab is not None:
             lines += [f"Top-K stability: mean Jaccard {stab['jaccard_mean']:.3f} over consecutive seed pairs."]
     lines += super_weights_section(read_json(out_dir, "super_weights.json"))
+    lines += parts.sections(out_dir)
     shown = [s for s in PLOTS if (out_dir / "plots" / s.file).is_file()]
     if shown:
         lines += ["", "## Plots"]

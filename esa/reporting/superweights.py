@@ -12,6 +12,7 @@ from pathlib import Path
 
 from esa.outdir.atomic import atomic_write_text, write_json
 from esa.reporting.format import num, ratio_text, sci
+from esa.reporting.parts import Part, register
 from esa.reporting.plotkit import save
 
 JSON_NAME = "super_weights.json"
@@ -124,3 +125,12 @@ def write_super_weights(results: Mapping, out_dir: str | Path) -> list[str]:
     atomic_write_text(out / TABLE_NAME, format_table(results) + "\n")
     plot_spikes(results, out / PLOT_NAME)
     return [JSON_NAME, TABLE_NAME, PLOT_NAME]
+
+
+def redraw(out_dir: Path) -> Path:
+    """``super_weights.png`` again from the out-dir's ``super_weights.json``."""
+    return plot_spikes(Path(out_dir) / JSON_NAME, Path(out_dir) / PLOT_NAME)
+
+
+# report.md's super-weight section is built by report_md (it also reads the Top-K overlap).
+register(Part(JSON_NAME, figure=redraw))

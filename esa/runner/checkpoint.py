@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from esa.errors import UsageError
+from esa.experiment.registry import SeedSelections
 from esa.experiment.selection import Selection
 from esa.outdir.atomic import atomic_write_bytes, atomic_write_text
 from esa.outdir.journal import Journal
 from esa.outdir.layout import CHECKPOINT_DIR as CHECKPOINTS
-from esa.runner.seeds import SeedResult, SeedScores
+from esa.runner.seeds import SeedScores
 
 
 def seed_path(out_dir: Path, seed: int) -> Path:
@@ -78,7 +79,7 @@ def load_seed(out_dir: Path, seed: int) -> SeedScores | None:
                         {c: _get(z, meta, f"{_m}|{k}|{c}") for c in _info["controls"]})
             top, controls = sels("main")
             sweep = {int(k): sels(k) for k in info["ks"] if k != "main"}
-            results[metric] = SeedResult(seed, top, controls, info["windows"], sweep)
+            results[metric] = SeedSelections(seed, top, controls, info["windows"], sweep)
     return SeedScores(results, header["agreement"])
 
 

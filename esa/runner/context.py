@@ -10,19 +10,23 @@ import torch
 
 from esa.config import RunConfig
 from esa.data import TokenData
+from esa.evaluators.measure import Measurer
 from esa.model.device import DeviceChoice
 from esa.model.targets import Target
-from esa.outdir.journal import Journal
+from esa.options import Options
 from esa.outdir.layout import METRICS_DIR
 from esa.outdir.manifest import Manifest, ScopedManifest
 
 
 @dataclass
 class RunContext:
-    """The resolved configuration and everything loaded for it.
+    """The resolved configuration and everything loaded for it; also the experiments' view of the
+    run (:class:`esa.experiment.registry.RunView`).
 
     ``is_main``: this process writes files and prints (rank 0 under torchrun, else always).
     ``names``: target names in ``model.named_parameters()`` order (the tie-break order).
+    ``measurer``: every condition x every evaluator, with the run's evaluation cache and journal
+    (shared by the metrics' views).  ``super_weights``: the detector's result, once it ran.
     """
 
     cfg: RunConfig
@@ -34,10 +38,10 @@ class RunContext:
     out_dir: Path
     manifest: Manifest | ScopedManifest
     is_main: bool
+    measurer: Measurer | None = None
     coverage: dict = field(default_factory=dict)  # esa.model.targets.coverage of the run
-    evaluated: dict[str, dict] = field(default_factory=dict)  # evaluation key -> row (shared by the views)
-    journal: Journal | None = None  # checkpoints/evaluations.jsonl: each row as it is measured
     fingerprints: dict = field(default_factory=dict)  # model weights and data (esa.model.fingerprint)
+    super_weights: dict | None = None
     names: list[str] = field(init=False)
     by_name: dict[str, Target] = field(init=False)
 
@@ -45,11 +49,30 @@ class RunContext:
         self.names = [t.name for t in self.targets]
         self.by_name = {t.name: t for t in self.targets}
 
-    def record(self, key: str, row: dict) -> None:
-        """An evaluated condition: kept for reuse in this run and appended to the journal (resume)."""
-        self.evaluated[key] = row
-        if self.journal is not None:
-            self.journal.append(key, row)
+    # the experiments' view (esa.experiment.registry.RunView)
+    @property
+    def metric(self) -> str:
+        return self.cfg.metric
+
+    @property
+    def mode(self) -> str:
+        return self.cfg.scoring.mode
+
+    @property
+    def topk(self) -> int:
+        return self.cfg.scoring.topk
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return self.cfg.scoring.seeds
+
+    @property
+    def options(self) -> Options:
+        return self.cfg.experiment.options
+
+    @property
+    def eval_windows(self) -> int:
+        return len(self.data.eval_windows)
 
     def view(self, metric: str) -> RunContext:
         """What a single-metric run of ``metric`` would see: its configuration, and its own folder

@@ -9,13 +9,13 @@ import sys
 import numpy as np
 import torch
 
+from esa.experiment.registry import SeedSelections
 from esa.metrics import METRICS
 from esa.model import distributed
 from esa.model.introspect import model_record
 from esa.outdir.atomic import write_csv, write_json
 from esa.outdir.provenance import git_sha, versions
 from esa.runner.context import RunContext
-from esa.runner.seeds import SeedResult
 
 TOP_WEIGHTS_COLUMNS = ["rank", "parameter", "index", "coords", "score", "seed", "tensor_rank", "expert", "row", "col"]
 __all__ = ["git_sha", "versions", "write_config", "write_json", "write_top_weights"]
@@ -32,17 +32,18 @@ SEED_FIXED = "evaluation windows are the same for every seed and condition"
 def write_config(ctx: RunContext) -> None:
     """``config.json``: the resolved configuration, device, model, targets, data, seeds, versions."""
     cfg, choice, model, targets, data = ctx.cfg, ctx.choice, ctx.model, ctx.targets, ctx.data
+    metrics = cfg.scoring.metrics
     device_name = torch.cuda.get_device_name(0) if choice.device == "cuda" else platform.processor() or "cpu"
     device_map = getattr(model, "hf_device_map", None)  # set by transformers/accelerate when dispatched
     write_json(ctx.out_dir / "config.json", {
         "config": cfg.to_json(),
         "resolved": {"device": choice.device, "device_name": device_name, "dtype": choice.dtype,
-                     "warnings": list(choice.warnings), "seeds_run": list(cfg.seeds),
+                     "warnings": list(choice.warnings), "seeds_run": list(cfg.scoring.seeds),
                      "device_map": {k: str(v) for k, v in device_map.items()} if device_map else None,
                      "world_size": distributed.world_size()},
         "command": sys.argv,
         "model": model_record(model),
-        **({"metrics_info": {m: METRICS[m].record() for m in cfg.metrics}} if cfg.multi
+        **({"metrics_info": {m: METRICS[m].record() for m in metrics}} if cfg.multi
            else {"metric_info": METRICS[cfg.metric].record()}),
         "targets": {"count": len(targets), "weights": sum(t.numel for t in targets),
                     "tied": {t.name: list(t.aliases) for t in targets if len(t.aliases) > 1},
@@ -50,7 +51,7 @@ def write_config(ctx: RunContext) -> None:
         "coverage": ctx.coverage,
         "fingerprints": ctx.fingerprints,
         "data": {"data_source": data.data_source, "eval_windows": len(data.eval_windows),
-                 "calibration_pool_windows": len(data.calib_pool), "window_tokens": cfg.max_length,
+                 "calibration_pool_windows": len(data.calib_pool), "window_tokens": cfg.data.max_length,
                  "bos_policy": data.bos_policy},
         "seed_semantics": {"controls": list(SEED_CONTROLS), "fixed": SEED_FIXED},
         "versions": versions(),
@@ -58,7 +59,7 @@ def write_config(ctx: RunContext) -> None:
     })
 
 
-def write_top_weights(ctx: RunContext, results: list[SeedResult]) -> list[list]:
+def write_top_weights(ctx: RunContext, results: list[SeedSelections]) -> list[list]:
     """``top_weights.csv``, every seed in order: ``rank`` (position in the seed's whole Top-K, across
     all tensors, also under per_layer), parameter, flat index, coordinates, score, seed, and
     ``tensor_rank`` (position among the seed's Top-K weights of the same tensor: under per_layer the

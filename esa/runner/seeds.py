@@ -18,6 +18,7 @@ from esa.analysis.stats import all_stats
 from esa.config import RunConfig
 from esa.experiment import controls, selection
 from esa.experiment.perturb import PERTURBATIONS
+from esa.experiment.registry import SeedSelections
 from esa.experiment.rows import row_length
 from esa.metrics import MetricContext, Scored, score_metrics
 from esa.model import distributed
@@ -31,17 +32,6 @@ from esa.runner.score_sample import write_score_sample
 from esa.seeding import numpy_rng
 
 log = logging.getLogger("esa")
-
-
-@dataclass
-class SeedResult:
-    """What one seed leaves behind: its selections and small summaries (never full scores)."""
-
-    seed: int
-    top: selection.Selection
-    controls: dict[str, selection.Selection]
-    calibration_windows: list[int]  # pool indices of the windows this seed scored on
-    sweep: dict[int, tuple[selection.Selection, dict[str, selection.Selection]]]  # --topk-sweep k != --topk
 
 
 def release_memory() -> None:
@@ -61,7 +51,7 @@ def release_memory() -> None:
 class SeedScores:
     """One seed of a run: each metric's :class:`SeedResult`, and (several metrics) their agreement."""
 
-    results: dict[str, SeedResult]
+    results: dict[str, SeedSelections]
     agreement: dict[str, dict] | None = None
 
 
@@ -75,17 +65,16 @@ def score_seed(ctx: RunContext, seed: int, write_stats: bool) -> SeedScores:
     metric and weight, the same as the scoring accumulators.
     """
     cfg, model, targets, data, manifest = ctx.cfg, ctx.model, ctx.targets, ctx.data, ctx.manifest
-    chosen = data.calibration_indices(numpy_rng(seed, "calibration"), cfg.max_samples)
+    chosen = data.calibration_indices(numpy_rng(seed, "calibration"), cfg.data.max_samples)
     windows = data.calib_pool[torch.from_numpy(chosen)]
     log.info("seed %d: scoring %d target tensors with %s on %d calibration windows", seed, len(targets),
-             ", ".join(cfg.metrics), len(windows))
-    mctx = MetricContext(seed=seed, hutchinson_samples=cfg.hutchinson_samples,
-                         curvature_samples=cfg.curvature_samples, obs_damp=cfg.obs_damp,
-                         recomputes_forward=cfg.gradient_checkpointing)
-    results: dict[str, SeedResult] = {}
+             ", ".join(cfg.scoring.metrics), len(windows))
+    checkpointing = cfg.distributed.gradient_checkpointing
+    mctx = MetricContext(seed=seed, recomputes_forward=checkpointing, **cfg.scoring.options)
+    results: dict[str, SeedSelections] = {}
     kept: dict[str, dict[str, torch.Tensor]] = {}
-    with (checkpointed_blocks(model) if cfg.gradient_checkpointing else contextlib.nullcontext()):
-        scoring = score_metrics(list(cfg.metrics), model, targets, windows, cfg.batch_size, mctx)
+    with (checkpointed_blocks(model) if checkpointing else contextlib.nullcontext()):
+        scoring = score_metrics(list(cfg.scoring.metrics), model, targets, windows, cfg.data.batch_size, mctx)
         while True:
             with manifest.phase("scoring"):
                 scored = next(scoring, None)
@@ -106,13 +95,13 @@ def score_seed(ctx: RunContext, seed: int, write_stats: bool) -> SeedScores:
     return SeedScores(results, agreement)
 
 
-def _select(view: RunContext, scored: Scored, seed: int, windows: list[int], write_stats: bool) -> SeedResult:
+def _select(view: RunContext, scored: Scored, seed: int, windows: list[int], write_stats: bool) -> SeedSelections:
     """One metric's Top-K and controls of one seed; its statistics and score sample for the primary seed."""
     cfg, names, scores = view.cfg, view.names, scored.scores
     with view.manifest.phase("selection"):
         chosen_k = select_all(cfg, scores, names, seed, control_context(cfg, view.targets))
-        top, controls = chosen_k[cfg.topk]
-        sweep = {k: v for k, v in chosen_k.items() if k != cfg.topk}
+        top, controls = chosen_k[view.topk]
+        sweep = {k: v for k, v in chosen_k.items() if k != view.topk}
         if distributed.active():  # the payload is O(k) Python objects: only built when there are ranks
             distributed.check_same(f"the {cfg.metric} selections of seed {seed}", repr(
                 [(k, top_k.ranked(names), {c: s.ranked(names) for c, s in ctl.items()})
@@ -125,17 +114,18 @@ def _select(view: RunContext, scored: Scored, seed: int, windows: list[int], wri
             view.out_dir.mkdir(parents=True, exist_ok=True)
             write_score_sample(view.out_dir / "score_distribution.npz", scores, names, top,
                                numpy_rng(seed, "score_sample"),
-                               {"metric": cfg.metric, "mode": cfg.mode, "k": cfg.topk, "seed": seed})
+                               {"metric": cfg.metric, "mode": view.mode, "k": view.topk, "seed": seed})
         atomic.write_json(view.out_dir / "sensitivity_stats.json", {"metric": cfg.metric, "seed": seed,
                                                                     "tensors": stats})
         view.manifest.add_file("sensitivity_stats.json")
         view.manifest.add_file("score_distribution.npz")
-    return SeedResult(seed, top, controls, windows, sweep)
+    return SeedSelections(seed, top, controls, windows, sweep)
 
 
 def control_context(cfg: RunConfig, targets: list[Target]) -> controls.ControlContext:
     """The weights, and whether the perturbation leaves exact zeros unchanged (bottom_k's eligibility)."""
-    zeros_unchanged = cfg.perturb is not None and not PERTURBATIONS[cfg.perturb].changes_zero
+    perturb = cfg.experiment.options.perturb
+    zeros_unchanged = perturb is not None and not PERTURBATIONS[perturb].changes_zero
     return controls.ControlContext({t.name: t.param for t in targets}, zeros_unchanged, in_axes(targets))
 
 
@@ -154,28 +144,30 @@ def select_all(cfg: RunConfig, scores: dict[str, torch.Tensor], names: list[str]
     after it for --topk, ``<control>:k<k>`` for the others: ``random_k`` keeps the streams it always
     had), disjoint from that k's Top-K, so adding a control never changes another's draws.
     """
-    ks = sorted({cfg.topk, *cfg.topk_sweep})
-    top_max = selection.top_k(scores, names, ks[-1], cfg.mode, need=room(cfg), in_axes=cctx.in_axes if cctx else None)
-    nested = {c: controls.control(c, scores, names, ks[-1], cfg.mode, top_max, None, cctx)  # deterministic
-              for c in cfg.controls if controls.CONTROLS[c].nested}
+    mode, topk, o = cfg.scoring.mode, cfg.scoring.topk, cfg.experiment.options
+    ks = sorted({topk, *o.topk_sweep})
+    top_max = selection.top_k(scores, names, ks[-1], mode, need=room(cfg), in_axes=cctx.in_axes if cctx else None)
+    nested = {c: controls.control(c, scores, names, ks[-1], mode, top_max, None, cctx)  # deterministic
+              for c in o.controls if controls.CONTROLS[c].nested}
     out = {}
     for k in ks:
-        top = top_max.prefix(k, cfg.mode, names)
-        out[k] = (top, {c: nested[c].prefix(k, cfg.mode, names) if c in nested else controls.control(
-            c, scores, names, k, cfg.mode, top, numpy_rng(seed, c if k == cfg.topk else f"{c}:k{k}"), cctx)
-            for c in cfg.controls})
+        top = top_max.prefix(k, mode, names)
+        out[k] = (top, {c: nested[c].prefix(k, mode, names) if c in nested else controls.control(
+            c, scores, names, k, mode, top, numpy_rng(seed, c if k == topk else f"{c}:k{k}"), cctx)
+            for c in o.controls})
     return out
 
 
 def room(cfg: RunConfig) -> int:
     """Multiples of k the weights must hold: controls drawn disjoint from the Top-K need as many again."""
-    return 2 if {"random_k", "random_mag_k"} & set(cfg.controls) else 1
+    return 2 if {"random_k", "random_mag_k"} & set(cfg.experiment.options.controls) else 1
 
 
 def check_sizes(cfg: RunConfig, targets: list[Target]) -> None:
     """Fail before scoring when --topk or a --topk-sweep k does not fit the weight count."""
-    sizes = {t.name: row_length(t.shape, t.axis("in")) if cfg.mode == "per_row" else t.numel for t in targets}
+    mode = cfg.scoring.mode
+    sizes = {t.name: row_length(t.shape, t.axis("in")) if mode == "per_row" else t.numel for t in targets}
     need = room(cfg)
-    selection.check_k(cfg.mode, cfg.topk, sizes, need)
-    for k in cfg.topk_sweep:
-        selection.check_k(cfg.mode, k, sizes, need, flag="--topk-sweep")
+    selection.check_k(mode, cfg.scoring.topk, sizes, need)
+    for k in cfg.experiment.options.topk_sweep:
+        selection.check_k(mode, k, sizes, need, flag="--topk-sweep")

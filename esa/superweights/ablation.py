@@ -1,9 +1,11 @@
 """Super-weight validation: ablation, the ``super_weights.json`` dict and the Top-K overlap.
 
 :func:`run_super_weights` is the one call for a pipeline: detection (:mod:`esa.superweights.detect`) plus
-:func:`ablate`, which validates the candidates by perplexity on evaluation windows with each one
-zeroed alone, all zeroed, and as many seeded random weights of the same matrices zeroed (the
-control), always restoring the model bit-exactly.  The files (JSON, table, plot) are written by
+:func:`ablate`, which validates the candidates on the evaluation windows with each one zeroed alone,
+all zeroed, and as many seeded random weights of the same matrices zeroed (the control).  Each is a
+condition (:class:`esa.experiment.registry.Condition`) measured by the run's evaluators
+(:class:`esa.evaluators.measure.Measurer`: perplexity, and whatever else ``--evaluate`` names),
+always restoring the model bit-exactly.  The files (JSON, table, plot) are written by
 :mod:`esa.reporting.superweights`, from the results dict alone.
 """
 
@@ -17,13 +19,11 @@ import torch
 from torch import nn
 
 from esa.errors import UsageError
-from esa.experiment.conditions import perplexity_row
+from esa.evaluators.measure import Measurer
+from esa.experiment.registry import Condition, evaluation_key
 from esa.seeding import numpy_rng
+from esa.superweights.config import DEFAULT_MAX_SUPER_WEIGHTS, DEFAULT_PROMPT, DEFAULT_THRESHOLD, DETECT_WINDOWS
 from esa.superweights.detect import (
-    DEFAULT_MAX_SUPER_WEIGHTS,
-    DEFAULT_PROMPT,
-    DEFAULT_THRESHOLD,
-    DETECT_WINDOWS,
     SPIKE_RULE,
     Candidate,
     Projection,
@@ -35,10 +35,12 @@ from esa.superweights.detect import (
 log = logging.getLogger("esa")
 
 
-def _ppl(model: nn.Module, windows: torch.Tensor, batch_size: int, base: float | None) -> dict:
-    """The ablation row: ppl and mean NLL (and the ratio to ``base``); ``inf`` on a NaN loss."""
-    row = perplexity_row(model, windows, batch_size, base, "super-weight ablation")
-    return {k: row[k] for k in ("ppl", "mean_nll", "non_finite_loss", "ratio") if k in row}
+KEEP = ("ppl", "mean_nll", "non_finite_loss", "ratio")  # the reference (perplexity) fields of an ablation row
+
+
+def _row(row: dict) -> dict:
+    """An ablation row: the perplexity fields, and every other evaluator's record (a dict, by name)."""
+    return {**{k: row[k] for k in KEEP if k in row}, **{k: v for k, v in row.items() if isinstance(v, dict)}}
 
 
 def random_control(projections: Sequence[Projection], candidates: Sequence[Candidate], seed: int
@@ -61,28 +63,39 @@ def random_control(projections: Sequence[Projection], candidates: Sequence[Candi
     return out
 
 
-def ablate(model: nn.Module, candidates: Sequence[Candidate], windows: torch.Tensor, batch_size: int,
-           seed: int = 0, projections: Sequence[Projection] | None = None) -> dict:
-    """Perplexity on ``windows`` ``[W, L]`` int64: baseline, each candidate zeroed alone, all zeroed, and
-    the seeded random control (same count, same matrices); ``ratio`` = ppl / baseline.  Restores the model."""
-    projs = list(projections) if projections is not None else find_mlp_output_projections(model)
-    base = _ppl(model, windows, batch_size, None)
-    out: dict = {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "batch_size": batch_size,
-                 "seed": seed, "baseline": base, "each": [], "all": None, "random": None}
+def zeroing(projections: Sequence[Projection], weights: Sequence[tuple[str, int]], label: str) -> Condition:
+    """The condition "these weights ``(param name, flat index)`` are zeroed"; its key depends only on the
+    weights, so the same weights zeroed twice are measured once."""
+    idx: dict[str, list[int]] = {}
+    for name, flat in weights:
+        idx.setdefault(name, []).append(flat)
+    key = evaluation_key(("zero", "super-weight ablation"),
+                         {n: torch.tensor(sorted(v), dtype=torch.int64) for n, v in idx.items()})
+    return Condition(label, key, lambda: zeroed(projections, list(weights)), label)
+
+
+def ablate(measurer: Measurer, candidates: Sequence[Candidate], projections: Sequence[Projection], seed: int = 0
+           ) -> dict:
+    """Measure the baseline, each candidate zeroed alone, all zeroed, and the seeded random control
+    (same count, same matrices) with ``measurer`` (its reference evaluator reads the evaluation
+    windows); ``ratio`` = ppl / baseline.  Every condition restores the model."""
+    inputs = measurer.evaluators[0].inputs
+    base = measurer.baseline()
+    out: dict = {"windows": int(inputs.windows.shape[0]), "seq_len": int(inputs.windows.shape[1]),
+                 "batch_size": inputs.batch_size, "seed": seed, "baseline": _row(base), "each": [], "all": None,
+                 "random": None}
     if not candidates:
         return out
     for c in candidates:
-        with zeroed(projs, [c.key]) as info:
-            row = _ppl(model, windows, batch_size, base["ppl"])
-        out["each"].append({"param": c.param, "row": c.row, "col": c.col, "flat_index": c.flat_index, **row,
-                            "n_changed": info["n_changed"]})
+        row = measurer.measure(zeroing(projections, [c.key], f"zeroing {c.param}[{c.row}, {c.col}]"))
+        out["each"].append({"param": c.param, "row": c.row, "col": c.col, "flat_index": c.flat_index, **_row(row),
+                            "n_changed": row["n_changed"]})
         log.info("zeroing %s[%d, %d]: perplexity %.4g (x%.3g)", c.param, c.row, c.col, row["ppl"], row["ratio"])
-    with zeroed(projs, [c.key for c in candidates]) as info:
-        out["all"] = {**_ppl(model, windows, batch_size, base["ppl"]), "n_changed": info["n_changed"]}
-    rand = random_control(projs, candidates, seed)
-    with zeroed(projs, rand) as info:
-        out["random"] = {**_ppl(model, windows, batch_size, base["ppl"]), "n_changed": info["n_changed"],
-                         "weights": [[n, i] for n, i in rand]}
+    row = measurer.measure(zeroing(projections, [c.key for c in candidates], "zeroing every candidate"))
+    out["all"] = {**_row(row), "n_changed": row["n_changed"]}
+    rand = random_control(projections, candidates, seed)
+    row = measurer.measure(zeroing(projections, rand, "zeroing as many random weights"))
+    out["random"] = {**_row(row), "n_changed": row["n_changed"], "weights": [[n, i] for n, i in rand]}
     return out
 
 
@@ -106,10 +119,10 @@ def detection_input(tokenizer, prompt: str | None, calib_pool: torch.Tensor, on_
         raise UsageError(f"prompt: {exc}") from None
 
 
-def run_super_weights(model: nn.Module, input_ids: torch.Tensor, windows: torch.Tensor | None, *,
+def run_super_weights(model: nn.Module, input_ids: torch.Tensor, measurer: Measurer | None, *,
                       threshold: float = DEFAULT_THRESHOLD, max_super_weights: int = DEFAULT_MAX_SUPER_WEIGHTS,
-                      batch_size: int = 4, seed: int = 0, tokenizer=None, settings: Mapping | None = None) -> dict:
-    """Detection on ``input_ids`` ``[B, T]`` plus ablation on ``windows`` ``[W, L]`` (None: skipped).
+                      seed: int = 0, tokenizer=None, settings: Mapping | None = None) -> dict:
+    """Detection on ``input_ids`` ``[B, T]`` plus ablation measured by ``measurer`` (None: skipped).
 
     Returns the JSON-able ``super_weights.json`` dict; ``settings`` (prompt, model id, ...) is
     recorded as given, next to threshold, max_super_weights, batch_size and seed.  ``tokenizer``
@@ -124,12 +137,13 @@ def run_super_weights(model: nn.Module, input_ids: torch.Tensor, windows: torch.
             r["token"] = None if r["token_id"] is None else tokenizer.decode([r["token_id"]])
     return {"tool": "find_super_weights",
             "settings": {**(settings or {}), "threshold": threshold, "max_super_weights": max_super_weights,
-                         "batch_size": batch_size, "seed": seed},
+                         "batch_size": None if measurer is None else measurer.evaluators[0].inputs.batch_size,
+                         "seed": seed},
             "rule": SPIKE_RULE,
             "detection_input": {"sequences": int(input_ids.shape[0]), "tokens_per_sequence": int(input_ids.shape[1])},
             "projections": det["projections"], "passes": det["passes"], "stopped": det["stopped"],
             "candidates": rows,
-            "ablation": None if windows is None else ablate(model, cands, windows, batch_size, seed, projs)}
+            "ablation": None if measurer is None else ablate(measurer, cands, projs, seed)}
 
 
 def overlap_with_topk(candidates: Iterable[Candidate | Mapping], top_rows: Iterable[Sequence]) -> list[dict]:

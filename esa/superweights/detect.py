@@ -43,14 +43,11 @@ from esa.experiment.selection import Selection
 from esa.model.introspect import assert_eval, input_device
 from esa.model.targets import Target
 from esa.model.weight_inputs import eager_experts
+from esa.superweights.config import DEFAULT_MAX_SUPER_WEIGHTS, DEFAULT_THRESHOLD
 from esa.superweights.projections import LayerStat, Projection, find_mlp_output_projections, recording
 
 log = logging.getLogger("esa")
 
-DEFAULT_THRESHOLD = 50.0
-DEFAULT_MAX_SUPER_WEIGHTS = 8
-DETECT_WINDOWS = 4  # detection on data: the first calibration windows (max over all of them)
-DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Paris is the capital and largest city of France."
 SPIKE_RULE = ("a projection spikes when its max |output| over batch and positions is >= threshold x the median "
               "over all MLP output projections of that max; per pass the earliest new spike becomes a candidate "
               "(row/out-channel = spike channel, col/in-channel = largest |w*x| contributor at the spike token), "

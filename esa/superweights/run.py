@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 from esa.data import load_data
+from esa.evaluators import EvalInputs
+from esa.evaluators.measure import Measurer
 from esa.model.introspect import model_record
 from esa.model.session import start_tool
+from esa.options import flat_json
 from esa.outdir.provenance import git_sha, versions
 from esa.reporting.superweights import format_table, write_super_weights
 from esa.superweights.ablation import detection_input, run_super_weights
@@ -32,14 +34,15 @@ def run(cfg: SuperWeightConfig, out_dir: str | Path) -> int:
                     "detect_on": "data" if cfg.detect_on_data else "prompt",
                     "prompt": None if cfg.detect_on_data else cfg.prompt, "data_source": data.data_source,
                     "bos_policy": data.bos_policy, "eval_samples": cfg.eval_samples, "max_length": cfg.max_length,
-                    "device": choice.device, "dtype": choice.dtype, "config": dataclasses.asdict(cfg),
+                    "device": choice.device, "dtype": choice.dtype, "config": flat_json(cfg),
                     "command": sys.argv, "versions": versions(), "git_sha": git_sha()}
         with manifest.phase("detect_and_ablate"):
             log.info("detecting on %d sequence(s) of %d tokens; ablation on %d windows", input_ids.shape[0],
                      input_ids.shape[1], len(data.eval_windows))
-            results = run_super_weights(model, input_ids, data.eval_windows, threshold=cfg.threshold,
-                                        max_super_weights=cfg.max_super_weights, batch_size=cfg.batch_size,
-                                        seed=cfg.seed, tokenizer=tok, settings=settings)
+            measurer = Measurer(model, cfg.evaluation.build(EvalInputs(data.eval_windows, cfg.batch_size, tok)))
+            results = run_super_weights(model, input_ids, measurer, threshold=cfg.threshold,
+                                        max_super_weights=cfg.max_super_weights, seed=cfg.seed, tokenizer=tok,
+                                        settings=settings)
         for name in write_super_weights(results, out_dir):
             manifest.add_file(name)
         print(format_table(results), flush=True)

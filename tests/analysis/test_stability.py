@@ -15,7 +15,7 @@ from scipy import stats
 import esa_runner
 from esa.analysis.stability import jaccard, stability_summary
 from esa.config import RunConfig
-from esa.data import load_data
+from esa.data import load_spec
 from esa.experiment.selection import Selection
 from esa.model.device import resolve_device
 from esa.model.loading import load_model
@@ -61,9 +61,9 @@ def test_stability_summary_schema_and_values():
 def tiny_setup(tmp_path_factory):
     d = tiny_model_dir(tmp_path_factory.mktemp("tiny"))
     model, tok = load_model(str(d), "cpu", "fp32")
-    cfg = RunConfig(model=str(d), device="cpu", dtype="fp32", topk=5, mode="global", max_length=32, max_samples=4,
+    cfg = RunConfig.of(model=str(d), device="cpu", dtype="fp32", topk=5, mode="global", max_length=32, max_samples=4,
                     eval_samples=2, data_file=str(CORPUS))
-    data = load_data(tok, cfg.data_file, None, cfg.max_length, cfg.eval_samples, cfg.max_samples)
+    data = load_spec(tok, cfg.data)
     return cfg, model, find_targets(model), data
 
 

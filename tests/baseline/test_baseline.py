@@ -105,7 +105,7 @@ def test_max_windows_keeps_first_windows_and_short_window_runs_alone():
 @pytest.mark.parametrize("stride", [None, 4, 11])
 def test_matches_naive_loop(tiny_model, policy, stride):
     tokens = random_tokens(53)  # 53 tokens at context 12: a short final window in every case
-    res = evaluate_text(tiny_model, None, tokens, "x", 12, stride, policy, batch_size=3)
+    res = evaluate_text(tiny_model, None, tokens, "x", plan_windows(tokens, 12, stride, policy), batch_size=3)
     ref, n, hits = naive_nll(to_double(tiny_model), tokens, 12, stride, policy["bos_token_id"])
     assert res["tokens_scored"] == n
     assert res["nll_sum"] == pytest.approx(ref, rel=1e-5)
@@ -182,7 +182,7 @@ def test_metrics_by_hand():
     model = Bigram(P).eval()
     tokens = torch.tensor([0, 0, 1, 2, 2, 1, 0])
     text = "ab cd\né"  # 3 words, 8 UTF-8 bytes (é is two)
-    res = evaluate_text(model, None, tokens, text, 7, None, NO_BOS, batch_size=1)
+    res = evaluate_text(model, None, tokens, text, plan_windows(tokens, 7, None, NO_BOS), batch_size=1)
     # (current -> next): p(next), top-1 correct, top-1 confidence
     steps = [(0.7, 1, 0.7), (0.2, 0, 0.7), (0.25, 0, 0.5), (0.85, 1, 0.85), (0.1, 0, 0.85), (0.25, 0, 0.5)]
     nll = -sum(math.log(p) for p, _, _ in steps)
@@ -204,10 +204,11 @@ def test_window_boundaries_by_hand():
     """Context 3, no overlap: windows [0 0 1] [2 2 1] [0]; each first token unscored, the lone last one too."""
     model = Bigram(P).eval()
     tokens = torch.tensor([0, 0, 1, 2, 2, 1, 0])
-    res = evaluate_text(model, None, tokens, "t", 3, None, NO_BOS, batch_size=2)
+    res = evaluate_text(model, None, tokens, "t", plan_windows(tokens, 3, None, NO_BOS), batch_size=2)
     assert (res["tokens_scored"], res["windows"]) == (4, 2)
     assert res["nll_sum"] == pytest.approx(-math.log(0.7 * 0.2 * 0.85 * 0.1), rel=1e-6)
-    strided = evaluate_text(model, None, tokens, "t", 3, 1, NO_BOS, batch_size=2)  # a bigram needs no context
+    # a bigram needs no context
+    strided = evaluate_text(model, None, tokens, "t", plan_windows(tokens, 3, 1, NO_BOS), batch_size=2)
     assert strided["tokens_scored"] == 6
     assert strided["nll_sum"] == pytest.approx(-math.log(0.7 * 0.2 * 0.25 * 0.85 * 0.1 * 0.25), rel=1e-6)
 

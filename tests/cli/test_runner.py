@@ -11,8 +11,7 @@ import matplotlib.image
 import pytest
 import torch
 
-import esa.experiment.conditions
-import esa.runner.perturbation
+import esa.evaluators.perplexity
 import esa.runner.seeds
 import esa_runner
 from tests.realmodels import CORPUS, REPO, tiny_model_dir
@@ -212,7 +211,7 @@ def test_crash_leaves_failed_manifest(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_ctrl_c_leaves_interrupted_manifest(tiny, tmp_path, monkeypatch, capsys):
-    real = esa.experiment.conditions.perplexity
+    real = esa.evaluators.perplexity.perplexity
     calls = []
 
     def interrupt_second(*a, **k):
@@ -220,8 +219,7 @@ def test_ctrl_c_leaves_interrupted_manifest(tiny, tmp_path, monkeypatch, capsys)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(esa.runner.perturbation, "perplexity", interrupt_second)  # the baseline
-    monkeypatch.setattr(esa.experiment.conditions, "perplexity", interrupt_second)  # each condition
+    monkeypatch.setattr(esa.evaluators.perplexity, "perplexity", interrupt_second)  # the baseline, each condition
     out = tmp_path / "run"
     assert esa_runner.main(small_args(tiny, out) + ["--perturb", "sign_flip"]) == 130
     manifest = json.loads((out / "experiment_manifest.json").read_text())

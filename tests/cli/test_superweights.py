@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 import esa_runner
 from esa.config import RunConfig
-from esa.superweights import detect as sw
+from esa.superweights import config as swc
 from tests.realmodels import CORPUS, REPO, embedded_dir
 from tests.superweights.test_detect import llama6, plant_llama
 
@@ -135,5 +135,5 @@ def test_runner_super_weight_flags_are_validated(extra, needle, capsys):
 
 
 def test_runner_defaults_match_the_detector():
-    cfg = RunConfig()
-    assert (cfg.super_weight_threshold, cfg.max_super_weights) == (sw.DEFAULT_THRESHOLD, sw.DEFAULT_MAX_SUPER_WEIGHTS)
+    cfg = RunConfig().super_weights
+    assert (cfg.super_weight_threshold, cfg.max_super_weights) == (swc.DEFAULT_THRESHOLD, swc.DEFAULT_MAX_SUPER_WEIGHTS)

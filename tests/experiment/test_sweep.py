@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import esa_runner
-from esa.config import parse_topk_sweep
 from esa.errors import UsageError
 from esa.experiment import controls, selection
+from esa.experiment.perturbation import parse_topk_sweep
 from esa.experiment.sweep import sweep_curve
 from tests.realmodels import CORPUS, tiny_model_dir
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from esa.experiment.registry import SeedSelections as SeedResult
 from esa.experiment.selection import Selection
 from esa.runner.checkpoint import load_seed, save_seed, seed_path
-from esa.runner.seeds import SeedResult, SeedScores
+from esa.runner.seeds import SeedScores
 
 
 def sel(kind: str, gen: torch.Generator, row_k: int = 0) -> Selection:

@@ -10,13 +10,10 @@ import torch
 
 import esa_runner
 from esa.config import RunConfig
-from esa.data import load_data
 from esa.model.device import resolve_device
-from esa.model.loading import load_model
-from esa.model.targets import find_targets
 from esa.outdir.manifest import Manifest
-from esa.runner.context import RunContext
-from esa.runner.perturbation import evaluate_conditions
+from esa.runner.experiments import measure_experiments
+from esa.runner.pipeline import load
 from esa.runner.seeds import score_seed
 from tests.realmodels import CORPUS, tiny_model_dir
 
@@ -33,19 +30,15 @@ def state_hash(model: torch.nn.Module) -> str:
 @pytest.mark.parametrize("perturb", ["zero", "sign_flip", "gauss_noise"])
 def test_every_condition_restores_the_model_bit_exactly(tmp_path_factory, tmp_path, dtype, perturb):
     d = tiny_model_dir(tmp_path_factory.mktemp("tiny"))
-    cfg = RunConfig(model=str(d), device="cpu", dtype=dtype, perturb=perturb, perturb_scale=0.7, topk=4,
-                    max_length=32, max_samples=4, eval_samples=4, data_file=str(CORPUS), out_dir=str(tmp_path))
-    model, tok = load_model(cfg.model, "cpu", dtype)
-    targets = find_targets(model)
-    data = load_data(tok, cfg.data_file, None, cfg.max_length, cfg.eval_samples, cfg.max_samples)
-    manifest = Manifest(tmp_path)
-    before = state_hash(model)
-    ctx = RunContext(cfg, resolve_device("cpu", True, dtype, True), model, tok, targets, data, tmp_path, manifest, True)
+    cfg = RunConfig.of(model=str(d), device="cpu", dtype=dtype, perturb=perturb, perturb_scale=0.7, topk=4,
+                       max_length=32, max_samples=4, eval_samples=4, data_file=str(CORPUS), out_dir=str(tmp_path))
+    ctx = load(cfg, resolve_device("cpu", True, dtype, True), "cpu", tmp_path, Manifest(tmp_path))
+    before = state_hash(ctx.model)
     result = score_seed(ctx, 0, write_stats=False).results[cfg.metric]
-    assert state_hash(model) == before  # scoring never changes weights
-    res = evaluate_conditions(ctx, result)
-    assert state_hash(model) == before
-    assert all(c["n_perturbed"] == 4 * len(targets) for c in res["conditions"].values())
+    assert state_hash(ctx.model) == before  # scoring never changes weights
+    res = measure_experiments(ctx, [result])["perturbation"]
+    assert state_hash(ctx.model) == before
+    assert all(c["n_perturbed"] == 4 * len(ctx.targets) for c in res["conditions"].values())
     assert res["conditions"]["top_k"]["ppl"] != res["baseline"]["ppl"]  # the perturbation did something
 
 

@@ -10,15 +10,15 @@ import torch
 import esa_runner
 from esa.config import RunConfig
 from esa.data import load_data
+from esa.experiment.quantization import quantizable
 from esa.experiment.quantize import RTN, quantized
 from esa.model.device import resolve_device
 from esa.model.forward import perplexity
 from esa.model.loading import load_model
 from esa.model.targets import find_targets
 from esa.outdir.manifest import Manifest
-from esa.runner.context import RunContext
-from esa.runner.perturbation import baseline_perplexity
-from esa.runner.quantization import quantizable, quantization_results
+from esa.runner.experiments import measure_experiments
+from esa.runner.pipeline import load
 from esa.runner.seeds import score_seed
 from tests.realmodels import CORPUS, embedded_dir, tiny_model_dir
 from tests.runner.test_pipeline import state_hash
@@ -91,18 +91,14 @@ def test_run_writes_every_condition_and_the_statistics(tiny, tmp_path):
 
 
 def test_every_condition_leaves_the_model_bit_exact(tiny, tmp_path):
-    cfg = RunConfig(model=tiny, device="cpu", dtype="bf16", metrics=("grad_x_weight",), topk=4, max_length=32,
-                    max_samples=4, eval_samples=2, data_file=str(CORPUS), out_dir=str(tmp_path), quantize="rtn",
-                    bits=2, block_sizes=("channel", 16, "tensor"), controls=())
-    model, tok = load_model(cfg.model, "cpu", "bf16")
-    targets, _ = quantizable(model, find_targets(model), False)
-    data = load_data(tok, cfg.data_file, None, cfg.max_length, cfg.eval_samples, cfg.max_samples)
-    ctx = RunContext(cfg, resolve_device("cpu", True, "bf16", True), model, tok, targets, data, tmp_path,
-                     Manifest(tmp_path), True)
-    before = state_hash(model)
+    cfg = RunConfig.of(model=tiny, device="cpu", dtype="bf16", metrics=("grad_x_weight",), topk=4, max_length=32,
+                       max_samples=4, eval_samples=2, data_file=str(CORPUS), out_dir=str(tmp_path), quantize="rtn",
+                       bits=2, block_sizes=("channel", 16, "tensor"), controls=())
+    ctx = load(cfg, resolve_device("cpu", True, "bf16", True), "cpu", tmp_path, Manifest(tmp_path))
+    before = state_hash(ctx.model)
     result = score_seed(ctx, 0, write_stats=False).results[cfg.metric]
-    res = quantization_results(ctx, [result], baseline_perplexity(ctx), None)
-    assert state_hash(model) == before
+    res = measure_experiments(ctx, [result])["quantization"]
+    assert state_hash(ctx.model) == before
     rows = res["per_seed"]["0"]
     assert all(r["ppl"] != res["baseline"]["ppl"] for b in rows.values() for r in b.values())  # 2 bits hurt
 

@@ -23,9 +23,11 @@ from transformers import (
     OPTForCausalLM,
 )
 
+from esa.evaluators.measure import Measurer
 from esa.experiment.perturb import INT_VIEW
 from esa.reporting.superweights import format_table, plot_spikes, write_super_weights
 from esa.superweights import ablation as swr
+from esa.superweights import config as swc
 from esa.superweights import detect as sw
 from tests.conftest import VOCAB, _finish, _randomize
 
@@ -250,8 +252,8 @@ def test_ablation_planted_weight_hurts_random_control_does_not(tmp_path):
         model.model.embed_tokens.weight[PREDICTED, 9] = 2.0
     before = params(model)
     windows = skewed_windows(6, 16, seed=11)
-    res = swr.run_super_weights(model, skewed_windows(1, 12), windows, batch_size=4, seed=0,
-                               settings={"model": "planted-llama"})
+    res = swr.run_super_weights(model, skewed_windows(1, 12), Measurer.perplexity(model, windows, 4), seed=0,
+                                settings={"model": "planted-llama"})
     assert_bit_identical(model, before)
     assert [(c["layer"], c["row"], c["col"]) for c in res["candidates"]] == [(2, 9, 21)]
     abl = res["ablation"]
@@ -310,15 +312,15 @@ def test_real_smollm2_candidates_are_valid_super_weights(wikitext2):
     model, tok = load_model("smollm2-135m", "cpu", "fp32")
     before = params(model)
     windows = load_data(tok, str(wikitext2), None, 96, 2, 0).eval_windows
-    res = swr.run_super_weights(model, swr.prompt_input_ids(tok, sw.DEFAULT_PROMPT), windows, batch_size=2,
-                               tokenizer=tok)
+    res = swr.run_super_weights(model, swr.prompt_input_ids(tok, swc.DEFAULT_PROMPT),
+                                Measurer.perplexity(model, windows, 2), tokenizer=tok)
     assert_bit_identical(model, before)
-    assert len(res["projections"]) == 30 and 1 <= len(res["candidates"]) <= sw.DEFAULT_MAX_SUPER_WEIGHTS
+    assert len(res["projections"]) == 30 and 1 <= len(res["candidates"]) <= swc.DEFAULT_MAX_SUPER_WEIGHTS
     for c in res["candidates"]:
         w = model.get_parameter(c["param"])
         assert c["module"] == f"model.layers.{c['layer']}.mlp.down_proj" and 0 <= c["layer"] < 30
         assert 0 <= c["row"] < 576 and 0 <= c["col"] < 1536 and w.shape == (576, 1536)
         assert float(w[c["row"], c["col"]]) == c["weight"] and c["flat_index"] == c["row"] * 1536 + c["col"]
-        assert c["output_ratio"] >= sw.DEFAULT_THRESHOLD
+        assert c["output_ratio"] >= swc.DEFAULT_THRESHOLD
     abl = res["ablation"]
     assert abl["all"]["ratio"] > 10 and 0.95 < abl["random"]["ratio"] < 1.05

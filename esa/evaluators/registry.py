@@ -1,0 +1,92 @@
+"""The evaluator base class, what an evaluator may read, and the evaluator registry.
+
+An evaluator measures the model *as it is now* (unchanged, or inside a condition that changed it):
+``evaluate(model, baseline, label)`` returns a small JSON-able record.  ``baseline`` is the same
+evaluator's record of the unmodified model (None while measuring that), so a record can state its
+change (perplexity's ``ratio``).  An evaluator is built once per run (expensive set-up such as
+building task requests happens in ``__init__``) and called for every condition.
+
+It declares what it needs (``needs``: ``eval_windows``, ``tokenizer``) and its settings
+(``options``, which become flags); :meth:`Evaluator.key` names it with its settings, so a journalled
+record is reused only by an evaluator with the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from esa.options import Option, Options
+from esa.registry import Registry
+
+NEEDS = ("eval_windows", "tokenizer")
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """What evaluators may read besides the model: ``windows`` ``[W, L]`` int64 evaluation windows
+    (the same for every condition; None where a tool has none), ``batch_size`` windows per forward
+    pass, the ``tokenizer`` (None where a tool has none)."""
+
+    windows: torch.Tensor | None
+    batch_size: int
+    tokenizer: object | None = None
+
+
+class Evaluator:
+    """One measurement.  Subclasses set the class attributes through :func:`evaluator` and implement
+    :meth:`evaluate`; ``self.options`` holds the run's evaluator options, ``self.inputs`` the inputs."""
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def __init__(self, options: Options, inputs: EvalInputs) -> None:
+        self.options = options
+        self.inputs = inputs
+
+    def settings(self) -> dict:
+        """This evaluator's own settings (its declared options), recorded and part of its key."""
+        return {o.name: self.options[o.name] for o in type(self).options if o.name in self.options}
+
+    def key(self) -> str:
+        """``name`` plus a hash of :meth:`settings`: equal keys, interchangeable records."""
+        s = self.settings()
+        if not s:
+            return self.name
+        return f"{self.name}:{hashlib.sha256(json.dumps(s, sort_keys=True, default=str).encode()).hexdigest()[:16]}"
+
+    def evaluate(self, model: torch.nn.Module, baseline: dict | None, label: str) -> dict:
+        raise NotImplementedError
+
+
+EVALUATORS: Registry[type[Evaluator]] = Registry("evaluator")
+
+
+def evaluator(name: str, *, help: str, needs: tuple[str, ...] = (), options: tuple[Option, ...] = ()
+              ) -> Callable[[type[Evaluator]], type[Evaluator]]:
+    """Register the decorated :class:`Evaluator` subclass as ``name`` (a duplicate name is an error)."""
+    unknown = set(needs) - set(NEEDS)
+    if unknown:
+        raise ValueError(f"evaluator {name!r}: unknown needs {sorted(unknown)}; choose from {', '.join(NEEDS)}")
+
+    def deco(cls: type[Evaluator]) -> type[Evaluator]:
+        taken = {o.name for o in evaluator_options()}
+        clash = [o.name for o in options if o.name in taken]
+        if clash:
+            raise ValueError(f"evaluator {name!r}: options {clash} are already declared by another evaluator")
+        cls.name, cls.help, cls.needs, cls.options = name, help, frozenset(needs), tuple(options)
+        EVALUATORS.add(name, cls)
+        return cls
+    return deco
+
+
+def evaluator_options() -> list[Option]:
+    """Every option declared by a registered evaluator, in registration order."""
+    return [o for name in EVALUATORS for o in EVALUATORS[name].options]

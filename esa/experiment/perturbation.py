@@ -1,0 +1,173 @@
+"""The perturbation experiment (``--perturb``): each seed's Top-K and controls perturbed in place,
+measured and restored; the dose-response sweep over ``--topk-sweep``; the cross-seed statistics.
+
+Conditions per seed: ``top_k`` and every control at ``--topk`` (group k = ``--topk``), and the same
+for each other sweep k (group k).  Each draws its randomness (Gaussian noise, ``--perturb-prob``)
+from the stream ``perturb:<condition>`` (``perturb:<condition>:k<k>`` for a sweep k), so adding a
+condition never changes another's draws.  The perturbations themselves: :mod:`esa.experiment.perturb`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Hashable, Iterator
+
+from esa.errors import UsageError
+from esa.experiment.controls import CONTROLS
+from esa.experiment.perturb import PERTURBATIONS, perturbed, resolve_bit
+from esa.experiment.registry import Condition, Experiment, Rows, SeedSelections, evaluation_key, experiment
+from esa.experiment.selection import Selection
+from esa.experiment.sweep import sweep_curve
+from esa.naming import canonical
+from esa.options import Option, Options
+from esa.seeding import torch_generator
+
+log = logging.getLogger("esa")
+RESULTS = "perturbation_results.json"
+
+
+def parse_perturb(text: str) -> str:
+    return canonical(text, PERTURBATIONS.names(), PERTURBATIONS.aliases(), "--perturb")
+
+
+def parse_controls(text: str) -> tuple[str, ...]:
+    """Parse ``"random_k,bottom_k"`` (aliases allowed); ``"none"`` or ``""`` means no controls."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    out: list[str] = []
+    for part in text.split(","):
+        name = canonical(part, CONTROLS.names(), CONTROLS.aliases(), "control")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def parse_topk_sweep(text: str) -> tuple[int, ...]:
+    """Parse ``"1,10,100,1000"`` into ascending ``(1, 10, 100, 1000)``; ``""`` means no sweep.
+
+    Every k must be a positive integer and appear once (a duplicate is almost surely a typo).
+    """
+    if not text.strip():
+        return ()
+    parts = [p.strip() for p in text.split(",")]
+    if any(not re.fullmatch(r"\d+", p) for p in parts):
+        raise UsageError(f"--topk-sweep must be a comma-separated list of positive integers, got {text!r}")
+    ks = [int(p) for p in parts]
+    if any(k <= 0 for k in ks):
+        raise UsageError(f"--topk-sweep values must be positive, got {text!r}")
+    if len(set(ks)) != len(ks):
+        raise UsageError(f"--topk-sweep contains duplicates: {text!r}")
+    return tuple(sorted(ks))
+
+
+def _catalogue(registry) -> str:
+    """``name = definition; ...`` of every registered item (the --help text grows with the registry)."""
+    return "; ".join(f"{name} = {registry[name].help}" for name in registry)
+
+
+OPTIONS = (
+    Option("perturb", None, f"perturb the Top-K and controls: {', '.join(PERTURBATIONS)} (alias gaussian -> "
+           f"gauss_noise); {_catalogue(PERTURBATIONS)}. Omit to only score", parse=parse_perturb),
+    Option("perturb_scale", 1.0, "scale of sign_flip / gauss_noise", parse=float,
+           check=lambda v: None if v >= 0.0 else f"must be a non-negative number, got {v}"),
+    Option("perturb_prob", 1.0, "probability that each selected weight is perturbed (seeded)", parse=float,
+           check=lambda v: None if 0.0 < v <= 1.0 else f"must be in (0, 1], got {v}"),
+    Option("bit_index", None, "bit flipped by bit_flip (0 = least significant; default: the most significant "
+           "exponent bit: 30 for fp32, 14 for bf16/fp16)", parse=int),
+    Option("controls", ("random_k", "bottom_k"), f"comma list of {', '.join(CONTROLS)}, or 'none' (default: "
+           f"random_k,bottom_k): {_catalogue(CONTROLS)}", parse=parse_controls, show_default=""),
+    Option("topk_sweep", (), "dose-response: also perturb the Top-K and controls for each of these k (scores are "
+           "computed once per seed); --topk stays the main k of the table, top_weights.csv and stability. Each k "
+           "must fit the weight count like --topk. Needs --perturb", parse=parse_topk_sweep, metavar="K1,K2,...",
+           show_default=""),
+)
+
+
+@experiment("perturbation", results_file=RESULTS, options=OPTIONS,
+            help="the Top-K and every control perturbed in place (--perturb), per seed and sweep k")
+class Perturbation(Experiment):
+    @classmethod
+    def enabled(cls, opts: Options) -> bool:
+        return opts.perturb is not None
+
+    @classmethod
+    def validate(cls, opts: Options) -> None:
+        if opts.topk_sweep and not opts.perturb:
+            raise UsageError("--topk-sweep needs --perturb (the sweep measures the perplexity change per k)")
+        if opts.bit_index is not None and opts.perturb != "bit_flip":
+            raise UsageError("--bit-index only applies to --perturb bit_flip")
+        if opts.bit_index is not None and not 0 <= opts.bit_index < 32:
+            raise UsageError(f"--bit-index must be in 0..31 (0..15 for bf16/fp16), got {opts.bit_index}")
+
+    def bit(self) -> int | None:
+        """The bit bit_flip flips in the targets' dtype (fails before any scoring when out of range)."""
+        if self.opts.perturb != "bit_flip":
+            return None
+        return resolve_bit(self.view.targets[0].param.dtype, self.opts.bit_index)
+
+    def check(self) -> None:
+        self.bit()
+
+    def conditions(self, sel: SeedSelections) -> Iterator[tuple[Hashable, Condition]]:
+        k_main = self.view.topk
+        yield from self._at(sel.seed, k_main, sel.top, sel.controls, "")
+        for k in self.opts.topk_sweep:
+            if k != k_main:  # a sweep k equal to --topk is the main conditions (same rows)
+                top, controls = sel.sweep[k]
+                yield from self._at(sel.seed, k, top, controls, f":k{k}")
+
+    def _at(self, seed: int, k: int, top: Selection, controls: dict[str, Selection], suffix: str
+            ) -> Iterator[tuple[int, Condition]]:
+        o = self.opts
+        for name, sel in [("top_k", top), *controls.items()]:
+            stream = f"perturb:{name}{suffix}"
+            key = evaluation_key((o.perturb, o.perturb_scale, o.perturb_prob, o.bit_index, f"{seed}:{stream}"),
+                                 sel.indices)
+            yield k, Condition(name, key, lambda s=sel, st=stream, n=name: self._change(s, seed, st, n),
+                               f"seed {seed} {name}")
+
+    @contextlib.contextmanager
+    def _change(self, sel: Selection, seed: int, stream: str, name: str) -> Iterator[dict]:
+        o = self.opts
+        with perturbed(self.view.by_name, sel, o.perturb, o.perturb_scale, o.perturb_prob,
+                       torch_generator(seed, stream), o.bit_index) as info:
+            if info["n_changed"] < info["n_perturbed"]:
+                log.warning("%s: only %d of %d perturbed weights changed value (the others are exactly 0, which %s "
+                            "leaves unchanged)", name, info["n_changed"], info["n_perturbed"], o.perturb)
+            yield info
+
+    def controls_info(self) -> dict | None:
+        """bottom_k's ineligible weights: the exact zeros, when the perturbation leaves them unchanged."""
+        if "bottom_k" not in self.opts.controls or PERTURBATIONS[self.opts.perturb].changes_zero:
+            return None
+        zeros = sum(int((t.param == 0).sum()) for t in self.view.targets)
+        return {"bottom_k": {"ineligible_weights": zeros,
+                             "reason": f"exact zeros, which {self.opts.perturb} leaves unchanged, are not drawn"}}
+
+    def results(self, rows: Rows, baseline: dict) -> dict:
+        """The primary seed's block where single-seed users expect it, every seed's, and statistics.
+
+        ``summary`` and ``tests`` exist only with >= 2 seeds (absent, never zero, otherwise); ``sweep``
+        (see :mod:`esa.experiment.sweep`) only with --topk-sweep; ``controls`` (what each control could
+        not draw, e.g. bottom_k's exact zeros) only when a control excluded something.
+        """
+        from esa.analysis import significance  # scipy: only when results are written, never for --help
+
+        v, o = self.view, self.opts
+        seeds = list(rows)
+        per_seed = {str(s): rows[s][v.topk] for s in seeds}
+        out = {"seed": seeds[0], "metric": v.metric, "mode": v.mode, "k": v.topk, "perturb": o.perturb,
+               "perturb_scale": o.perturb_scale, "perturb_prob": o.perturb_prob, "bit_index": self.bit(),
+               "eval_windows": v.eval_windows, "baseline": baseline, "conditions": per_seed[str(seeds[0])],
+               "seeds": seeds, "per_seed": per_seed}
+        if len(seeds) >= 2:
+            out["summary"] = significance.condition_summary(per_seed)
+            out["tests"] = significance.top_vs_controls(per_seed)
+        if (info := self.controls_info()) is not None:
+            out["controls"] = info
+        if o.topk_sweep:
+            out["sweep"] = sweep_curve(list(o.topk_sweep), v.topk,
+                                       {str(s): {k: rows[s][k] for k in o.topk_sweep} for s in seeds})
+        return out

@@ -1,0 +1,59 @@
+"""What each kind of results file adds to a run's report: its figure, its report.md section and its
+console lines, registered by the module of ``esa/reporting/`` that reports it.
+
+A run draws every registered figure whose results file exists (with or without ``--save-plots``:
+each is the experiment's or evaluator's own picture), ``python -m esa.report OUT_DIR`` redraws them,
+report.md adds each section and the console summary each part's lines.  So reporting a new
+results file is one module here that calls :func:`register`; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Part:
+    """``results``: the file it reads (at the top of a single-metric out-dir); ``figure(out_dir)``
+    draws its picture and returns the path; ``section(out_dir)`` and ``console(out_dir)`` return
+    lines (a section starts with its own ``## heading``)."""
+
+    results: str
+    figure: Callable[[Path], Path | None] | None = None
+    section: Callable[[Path], list[str]] | None = None
+    console: Callable[[Path], list[str]] | None = None
+
+
+PARTS: dict[str, Part] = {}
+
+
+def register(part: Part) -> Part:
+    if part.results in PARTS:
+        raise ValueError(f"a report part for {part.results} is already registered")
+    PARTS[part.results] = part
+    return part
+
+
+def _present(out_dir: Path) -> list[Part]:
+    """The registered parts whose results file this out-dir holds (every reporting module loaded first)."""
+    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        importlib.import_module(f"esa.reporting.{module.name}")
+    return [p for p in PARTS.values() if (Path(out_dir) / p.results).is_file()]
+
+
+def figures(out_dir: Path) -> list[Path]:
+    """Draw every present part's figure; the paths drawn."""
+    drawn = [p.figure(Path(out_dir)) for p in _present(out_dir) if p.figure is not None]
+    return [path for path in drawn if path is not None]
+
+
+def sections(out_dir: Path) -> list[str]:
+    return [line for p in _present(out_dir) if p.section is not None for line in p.section(Path(out_dir))]
+
+
+def console(out_dir: Path) -> list[str]:
+    return [line for p in _present(out_dir) if p.console is not None for line in p.console(Path(out_dir))]
