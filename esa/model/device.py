@@ -38,10 +38,14 @@ class DistributedSpec:
                         "full")
     gradient_checkpointing: bool = opt(False, "recompute each decoder block in backward instead of storing its "
                                        "activations (long contexts; gradient metrics only; same scores, slower)")
+    shard: str | None = opt(None, "fsdp: under torchrun, shard every weight over all ranks with PyTorch FSDP2 (each "
+                            "rank holds 1/W of the weights, gradients and scores; one node or several); see README "
+                            "'Large models'", choices=("fsdp",))
 
 
-def validate_distributed(spec: DistributedSpec, torchrun: bool) -> None:
-    """Raise UsageError for a combination that cannot run (``torchrun``: launched with several ranks)."""
+def validate_distributed(spec: DistributedSpec, torchrun: bool, launched: bool = False) -> None:
+    """Raise UsageError for a combination that cannot run (``torchrun``: launched with several ranks;
+    ``launched``: started by torchrun at all, even with one process)."""
     if spec.device_map not in (None, "auto"):
         raise UsageError(f"--device-map only supports 'auto', got {spec.device_map!r}")
     if spec.offload and spec.device_map is None:
@@ -49,6 +53,16 @@ def validate_distributed(spec: DistributedSpec, torchrun: bool) -> None:
     if spec.device_map is not None and torchrun:
         raise UsageError("--device-map auto cannot be combined with torchrun: each rank would spread its own "
                          "copy over all GPUs; use one or the other")
+    if spec.shard is not None:
+        if spec.device_map is not None:
+            raise UsageError("--shard fsdp cannot be combined with --device-map: FSDP places each rank's shard on its "
+                             "own device; use one or the other")
+        if not launched:
+            raise UsageError("--shard fsdp needs torchrun, e.g. torchrun --nproc_per_node 8 esa_runner.py --shard fsdp "
+                             "... (several nodes: --nnodes N --node-rank R --rdzv-endpoint HOST:PORT)")
+        if spec.gradient_checkpointing:
+            raise UsageError("--gradient-checkpointing is not supported with --shard fsdp yet (FSDP already frees each "
+                             "block's gathered weights after use; lower --batch-size to save activation memory)")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched() -> bool:
+    """Started by torchrun (or a launcher like it), also with a single process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def requested() -> bool:
     """True when launched by torchrun (or any launcher) with more than one process."""
     return launched_world_size() > 1
@@ -99,6 +104,69 @@ def all_reduce_floats(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t.cpu().tolist()
+
+
+def all_reduce_ints(values: list[int]) -> list[int]:
+    """Sum int64 values over ranks (two's-complement wrap-around, as torch's own int64 sums)."""
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in one process.  For O(k) payloads
+    only (selection candidates, small records), never for per-weight data."""
+    if not active():
+        return [obj]
+    out: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (every rank gets the same answer, so all raise or none does)."""
+    if not active():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def sharded(obj) -> bool:
+    """Whether ``obj`` (a model or a parameter) is sharded over the ranks by FSDP2 (``--shard fsdp``):
+    every rank then holds only its rows of each weight (:mod:`esa.model.fsdp`).  Code that would
+    all-reduce gradients (FSDP already summed them) or assume whole tensors asks here."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(obj, (FSDPModule, DTensor))
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: the local rows of a sharded parameter or gradient (writes reach the
+    shard), ``t`` itself otherwise."""
+    return t.to_local() if sharded(t) else t
+
+
+def first_row(t: torch.Tensor) -> int:
+    """The global index (dim 0) of this rank's first local row of ``t`` (0 unless sharded).
+
+    FSDP2 splits dim 0 as ``torch.chunk`` does: ceil(N / W) rows per rank, the last ranks may get fewer
+    or none."""
+    if not sharded(t):
+        return 0
+    chunk = -(-t.shape[0] // world_size())
+    return min(rank() * chunk, t.shape[0])
+
+
+def steps(n_windows: int, batch_size: int) -> int:
+    """Forward calls every rank makes over its share of ``n_windows`` in batches of ``batch_size``:
+    the largest share's count.  A sharded model all-gathers weights inside every forward, so every
+    rank must make the same number of calls (a rank with fewer real batches runs dummy ones)."""
+    most = -(-n_windows // world_size())
+    return -(-most // batch_size)
 
 
 def barrier() -> None:
