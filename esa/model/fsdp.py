@@ -47,6 +47,8 @@ def process_mesh(device: str) -> Iterator[DeviceMesh]:
     the group is destroyed on exit unless it existed before.  ``device``: "cpu", "cuda" or "cuda:N"."""
     if not distributed.launched():
         raise UsageError(f"{FLAG} needs torchrun (one process per device: {SHARD_LAUNCH})")
+    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):  # see shard(); tested with torch 2.13
+        raise UsageError(f"{FLAG} needs a newer PyTorch: {torch.__version__} has no FSDP2 forced-SUM reduction")
     device = distributed.local_device(device)
     with distributed.joined(device):
         yield init_device_mesh(torch.device(device).type, (torch.distributed.get_world_size(),))

@@ -285,6 +285,10 @@ def fill(model: torch.nn.Module, sources: dict[str, Source], ckpt: Checkpoint) -
             raise UsageError(f"the checkpoint's rows {start}..{start + n} of {target!r} have shape "
                              f"{list(rows.shape)}, not {list(local(t).shape)}")
         local(t).copy_(rows)
+    # plan() saw every parameter covered; a tie that to_empty broke would leave an alias unfilled
+    unfilled = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in done]
+    if unfilled:
+        raise RuntimeError(f"parameters left unfilled (a tied alias untied?): {unfilled[:3]}")
 
 
 def _stacked(source: Source, ckpt: Checkpoint, start: int, n: int) -> torch.Tensor:

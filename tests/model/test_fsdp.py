@@ -19,7 +19,7 @@ from esa.errors import UsageError
 from esa.model import distributed
 from esa.model.device import DistributedSpec, validate_distributed
 from esa.model.fsdp import flat_offset, local, local_bytes, process_mesh, row_range, shard
-from esa.model.fsdp_load import Checkpoint, meta_model, plan
+from esa.model.fsdp_load import Checkpoint, fill, meta_model, plan
 from esa.model.introspect import decoder_blocks
 from tests.model_families import family_dir
 from tests.realmodels import REPO
@@ -88,6 +88,31 @@ def test_sharded_load_equals_the_plain_model(models, world, tmp_path):
         assert len({r["padded_share"] for r in recs}) == 1, name
         if name == "qwen3_moe" and world == 4:  # the last rank holds none of the 5 experts' rows
             assert recs[3]["local_bytes"] < recs[0]["local_bytes"]
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gpt_neox", "qwen2_moe", "olmoe", "gpt_oss"])
+def test_the_checkpoints_of_more_families_map_to_the_plain_model(family, tmp_path):
+    """plan + fill without sharding (row_range of a plain tensor: all rows) on families the torchrun
+    test does not load: an embedding module with its own non-persistent buffer (gemma3's embed_scale),
+    a renamed head (gpt_neox's embed_out), shared experts (qwen2_moe), olmoe, experts stored fused
+    with biases (gpt_oss)."""
+    path = family_dir(family, tmp_path / family)
+    net = meta_model(AutoConfig.from_pretrained(path), "fp32")
+    built = {n: b.clone() for n, b in net.named_buffers()}
+    with Checkpoint(sorted(path.glob("*.safetensors"))) as ckpt:
+        sources = plan(net, ckpt.keys)
+        net.to_empty(device="cpu")
+        net.tie_weights()  # plain Module.to_empty unties (fully_shard's keeps the tie, see the torchrun test)
+        with torch.no_grad():
+            for name, buf in net.named_buffers():
+                buf.copy_(built[name])
+            fill(net, sources, ckpt)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.tensor([[1, 17, 400, 9000, 23, 5, 77, 301]])
+    with torch.no_grad():
+        assert torch.equal(net.eval()(ids).logits, ref.eval()(ids).logits)
+    if family.endswith("moe"):
+        assert any(s.converter is not None for s in sources.values())
 
 
 def checkpoint_keys(path) -> list[str]:
