@@ -150,7 +150,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     validate_output(cfg.output)
     validate_experiment(cfg.experiment)
     validate_data(cfg.data)
-    validate_distributed(cfg.distributed, distributed.requested(), distributed.launched())
+    validate_distributed(cfg.distributed, distributed.requested())
     if cfg.distributed.shard:
         validate_sharded(cfg)
     if cfg.distributed.gradient_checkpointing and not any("backward" in METRICS[m].needs

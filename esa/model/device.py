@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from esa.errors import UsageError
+from esa.model.distributed import launched as torchrun_launched
 from esa.options import opt
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -43,9 +44,24 @@ class DistributedSpec:
                             "'Large models'", choices=("fsdp",))
 
 
-def validate_distributed(spec: DistributedSpec, torchrun: bool, launched: bool = False) -> None:
+SHARD_LAUNCH = ("torchrun --nproc_per_node N esa_runner.py --shard fsdp ... (several nodes: --nnodes M --node_rank R "
+                "--rdzv_backend c10d --rdzv_endpoint HOST:PORT)")
+
+
+def validate_distributed(spec: DistributedSpec, torchrun: bool, launched: bool | None = None) -> None:
     """Raise UsageError for a combination that cannot run (``torchrun``: launched with several ranks;
-    ``launched``: started by torchrun at all, even with one process)."""
+    ``launched``: started by torchrun at all, one process included, read from the environment when None)."""
+    if spec.shard is not None:
+        if spec.shard != "fsdp":
+            raise UsageError(f"--shard only supports 'fsdp', got {spec.shard!r}")
+        if spec.device_map is not None:
+            raise UsageError("--shard fsdp cannot be combined with --device-map: sharding already spreads the model "
+                             "over all ranks' devices; use one or the other")
+        if not (launched if launched is not None else torchrun_launched()):
+            raise UsageError(f"--shard fsdp needs torchrun (one process per device: {SHARD_LAUNCH})")
+        if spec.gradient_checkpointing:
+            raise UsageError("--gradient-checkpointing is not supported with --shard fsdp yet (FSDP already frees each "
+                             "block's gathered weights after use; lower --batch-size to save activation memory)")
     if spec.device_map not in (None, "auto"):
         raise UsageError(f"--device-map only supports 'auto', got {spec.device_map!r}")
     if spec.offload and spec.device_map is None:
@@ -53,16 +69,6 @@ def validate_distributed(spec: DistributedSpec, torchrun: bool, launched: bool =
     if spec.device_map is not None and torchrun:
         raise UsageError("--device-map auto cannot be combined with torchrun: each rank would spread its own "
                          "copy over all GPUs; use one or the other")
-    if spec.shard is not None:
-        if spec.device_map is not None:
-            raise UsageError("--shard fsdp cannot be combined with --device-map: FSDP places each rank's shard on its "
-                             "own device; use one or the other")
-        if not launched:
-            raise UsageError("--shard fsdp needs torchrun, e.g. torchrun --nproc_per_node 8 esa_runner.py --shard fsdp "
-                             "... (several nodes: --nnodes N --node-rank R --rdzv-endpoint HOST:PORT)")
-        if spec.gradient_checkpointing:
-            raise UsageError("--gradient-checkpointing is not supported with --shard fsdp yet (FSDP already frees each "
-                             "block's gathered weights after use; lower --batch-size to save activation memory)")
 
 
 @dataclass(frozen=True)

@@ -194,4 +194,4 @@ def flat_view(param: torch.Tensor) -> torch.Tensor:
 
 def flat_offset(param: torch.Tensor) -> int:
     """The whole weight's flat index of :func:`flat_view`'s element 0 (0 unless sharded)."""
-    return distributed.first_row(param) * (param.numel() // param.shape[0]) if param.dim() else 0
+    return distributed.first_row(param) * (param.numel() // param.shape[0]) if param.dim() and param.shape[0] else 0
