@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from esa.data import load_data  # noqa: E402
 from esa.metrics import MetricContext, compute_scores  # noqa: E402
 from esa.model import distributed, fsdp  # noqa: E402
+from esa.model.fsdp_load import load_sharded  # noqa: E402
 from esa.model.targets import find_targets  # noqa: E402
 from esa.seeding import numpy_rng  # noqa: E402
 
@@ -52,7 +53,7 @@ def main() -> int:
     t0 = time.perf_counter()
     with fsdp.process_mesh("cpu") as mesh:
         world = distributed.world_size()
-        model, tok = fsdp.load_sharded(args.model, "cpu", "fp32", mesh)
+        model, tok = load_sharded(args.model, "cpu", "fp32", mesh)
         loaded = time.perf_counter() - t0
         targets = find_targets(model)
         params = list(model.parameters())

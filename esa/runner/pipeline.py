@@ -102,9 +102,9 @@ def load(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manif
                 loading.prepare_source(cfg.model.model)
             distributed.barrier()
         if cfg.distributed.shard:
-            from esa.model import fsdp  # torch.distributed's FSDP only for a sharded run
+            from esa.model.fsdp_load import load_sharded  # torch.distributed's FSDP only for a sharded run
 
-            model, tok = fsdp.load_sharded(cfg.model.model, device, choice.dtype, mesh)
+            model, tok = load_sharded(cfg.model.model, device, choice.dtype, mesh)
         else:
             model, tok = loading.load_model(cfg.model.model, device, choice.dtype, cfg.distributed.device_map,
                                             cfg.distributed.offload)

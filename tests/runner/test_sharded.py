@@ -34,8 +34,9 @@ def models(tmp_path_factory):
 def single(models, tmp_path_factory):
     """Every configuration run by one plain process."""
     root = tmp_path_factory.mktemp("single")
-    for name, (family, mode) in CONFIGS.items():
-        assert esa_runner.main(argv(models / family, mode, root / name)) == 0, name
+    for runs in CONFIGS.values():
+        for name, (family, mode) in runs.items():
+            assert esa_runner.main(argv(models / family, mode, root / name)) == 0, name
     return root
 
 
@@ -49,13 +50,15 @@ def selections(out, seed: int) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files if k.endswith("/indices")}
 
 
-def close(a, b) -> bool:
+def close(a, b, scale: float | None = None) -> bool:
+    """Equal, floats within REL of the larger (or of ``scale``: a tensor's largest score, for its small
+    statistics, whose fp32 sums round differently when the ranks add them in another order)."""
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(close(a[k], b[k], scale) for k in a)
     if isinstance(a, list):
-        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(close(x, y, scale) for x, y in zip(a, b))
     if isinstance(a, float) and isinstance(b, float):
-        return a == b or abs(a - b) <= REL * max(abs(a), abs(b))
+        return a == b or abs(a - b) <= REL * (scale if scale is not None else max(abs(a), abs(b)))
     return a == b
 
 
@@ -66,13 +69,18 @@ def test_sharded_runs_equal_the_single_process(models, single, tmp_path, world):
                            str(world), str(REPO / "tests" / "runner" / "sharded_driver.py"), str(tmp_path),
                            str(models)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for name in CONFIGS:
+    for name in CONFIGS[world]:
         for metric in ("grad_x_weight", "act_mag"):
             a, b = single / name / "metrics" / metric, tmp_path / name / "metrics" / metric
             ra, rb = top_rows(a), top_rows(b)
             assert [(r["seed"], r["rank"], r["parameter"], r["index"]) for r in ra] == [
                 (r["seed"], r["rank"], r["parameter"], r["index"]) for r in rb], (name, metric)
-            assert all(close(float(x["score"]), float(y["score"])) for x, y in zip(ra, rb)), (name, metric)
+            # fp32 gradient sums round differently when the ranks add them (and FSDP's gathered weights
+            # multiply in another memory layout): a score is within REL of its tensor's largest score
+            stats = json.loads((a / "sensitivity_stats.json").read_text())["tensors"]
+            largest = {n: st["max"] for n, st in stats.items()}
+            assert all(close(float(x["score"]), float(y["score"]), largest[x["parameter"]])
+                       for x, y in zip(ra, rb)), (name, metric)
             for seed in (0, 1):  # every control of every k: the same weights
                 sa, sb = selections(single / name, seed), selections(tmp_path / name, seed)
                 assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa), (name, seed)
@@ -81,7 +89,10 @@ def test_sharded_runs_equal_the_single_process(models, single, tmp_path, world):
             assert close(pa["per_seed"], pb["per_seed"]) and close(pa["sweep"], pb["sweep"]), (name, metric)
             sta = json.loads((a / "sensitivity_stats.json").read_text())["tensors"]
             stb = json.loads((b / "sensitivity_stats.json").read_text())["tensors"]
-            assert close(sta, stb), (name, metric)
+            for tensor, st in sta.items():  # quantiles exact up to the scores' own rounding
+                shares = st.pop("top_share")
+                assert close(shares, stb[tensor].pop("top_share")), (name, metric, tensor)
+                assert close(st, stb[tensor], scale=st["max"]), (name, metric, tensor)
         agreement = [json.loads((root / name / "metric_agreement.json").read_text()) for root in (single, tmp_path)]
         assert close(*agreement)
         config = json.loads((tmp_path / name / "config.json").read_text())
