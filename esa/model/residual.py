@@ -161,7 +161,7 @@ class ResidualPass:
         by one rank; the arrays are zero elsewhere); a no-op in one process."""
         if not distributed.active():
             return
-        distributed.all_reduce_sum([self.max, self.value, self.median, self.position, self.channel, self.seen,
+        distributed.all_reduce_host([self.max, self.value, self.median, self.position, self.channel, self.seen,
                                     self.watched])
         gathered = distributed.all_gather_object([(p.columns(), d) for p, d in zip(self.kept, self.dropped)])
         for layer in range(len(self.kept)):
