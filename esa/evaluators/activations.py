@@ -108,8 +108,9 @@ class Activations(Evaluator):
             log.warning("%s: more values above --massive-min than tokens in some layer; only the largest were kept, "
                         "so the massive set may be incomplete", label)
         w, n_tok = self.inputs.windows.shape
-        rec = {"massive_min": floor, "massive_ratio": ratio, "windows": int(w), "tokens_per_window": int(n_tok),
-               "layers": layers, "n_massive": len(pts), "truncated": truncated, **_groups(pts)}
+        # n_massive first: the measurer's log line quotes a record's first value
+        rec = {"n_massive": len(pts), "massive_min": floor, "massive_ratio": ratio, "windows": int(w),
+               "tokens_per_window": int(n_tok), "layers": layers, "truncated": truncated, **_groups(pts)}
         if baseline is None:
             rec["entries"] = pts.columns()  # what a condition compares with and --restore-activations writes back
         else:

@@ -9,6 +9,8 @@ import contextlib
 
 import pytest
 import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
 
 from esa.evaluators import EvalInputs
 from esa.evaluators.activations import Activations, feeds, restoring
@@ -217,3 +219,47 @@ def test_an_observed_forward_over_other_windows_is_an_error():
             model(input_ids=w[:4], use_cache=False)
         with pytest.raises(RuntimeError, match="did not cover every evaluation window"):
             finish("half")
+
+
+def _rows() -> list[dict]:
+    """Baseline, the planted weight zeroed, and zeroed with the massive activations restored."""
+    model = planted()
+    w = windows(n=7)  # 7 windows over two ranks: uneven shares
+    m = Measurer(model, [Perplexity(Options(), EvalInputs(w, 2)), Activations(Options(), EvalInputs(w, 2))])
+    plain = zeroing(model)
+
+    @contextlib.contextmanager
+    def restored():
+        with plain.change() as info, restoring(model, w, m.baselines()["activations"]) as more:
+            yield {**info, **more}
+    return [m.baseline(), m.measure(plain), m.measure(Condition("restored", "restored", restored, "restored"))]
+
+
+def _worker(rank: int, store: str, dest: str) -> None:
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        rows = _rows()
+        if rank == 0:
+            torch.save(rows, dest)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_two_ranks_give_the_records_of_one_process(tmp_path):
+    dest = tmp_path / "rows.pt"
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(dest)), nprocs=2, join=True)
+    ones, twos = _rows(), torch.load(dest)
+    assert [r["activations"]["n_massive"] for r in ones] == [28, 0, 28]  # baseline, zeroed, restored
+    for one, two in zip(ones, twos):
+        a, b = one["activations"], two["activations"]
+        assert two["ppl"] == pytest.approx(one["ppl"], rel=1e-6)
+        assert [(r["layer"], r["window"], r["position"], r["channel"]) for r in a["layers"]] == \
+            [(r["layer"], r["window"], r["position"], r["channel"]) for r in b["layers"]]
+        for x, y in zip(a["layers"], b["layers"]):  # other batches: equal up to fp32 rounding
+            assert y["max"] == pytest.approx(x["max"], rel=1e-5) and y["median"] == pytest.approx(x["median"], rel=1e-5)
+        assert a["n_massive"] == b["n_massive"]
+        assert [{**g, "max": 0} for g in a["massive"]] == [{**g, "max": 0} for g in b["massive"]]
+        assert [g["max"] for g in b["massive"]] == pytest.approx([g["max"] for g in a["massive"]], rel=1e-5)
+        for key in ("still_massive", "gone_from_layer"):
+            assert a.get(key) == b.get(key)
