@@ -21,7 +21,7 @@ from esa.model import residual
 from esa.options import Options
 from esa.superweights import detect as sw
 from tests.conftest import VOCAB, make_gpt2, make_llama
-from tests.model_families import build
+from tests.model_families import FAMILIES, build
 from tests.superweights.test_detect import assert_bit_identical, llama6, params, plant_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -104,6 +104,15 @@ def test_per_layer_maxima_medians_and_massive_set_equal_brute_force(name):
     by_channel = {g["channel"]: g for g in rec["massive"]}
     for ch in expect[:, 3].unique().tolist():
         assert by_channel[ch]["layers"] == expect[expect[:, 3] == ch, 0].unique().tolist()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_has_one_record_per_decoder_layer(name):
+    """The blocks are found from the model's never-split classes, MoE and GPT-2 alike."""
+    model = build(name, VOCAB, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    rec = evaluator(windows(n=2, length=8)).evaluate(model, None, "baseline")
+    assert len(rec["layers"]) == model.config.num_hidden_layers == 2
+    assert all(r["max"] > r["median"] > 0 for r in rec["layers"])
 
 
 def zeroing(model: torch.nn.Module) -> Condition:
