@@ -34,6 +34,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -61,8 +62,8 @@ def _positive_finite(v: float) -> str | None:
 OPTIONS = (
     Option("massive_min", 100.0, "activations: a massive activation's |value| must exceed this (Sun et al.: 100)",
            parse=float, check=finite_non_negative),
-    Option("massive_ratio", 1000.0, "activations: ... and exceed this many times its layer's median |value| "
-           "(Sun et al.: about 1000)", parse=float, check=_positive_finite),
+    Option("massive_ratio", 1000.0, "activations: a massive activation's |value| must also exceed this many times "
+           "its layer's median |value| (Sun et al.: about 1000)", parse=float, check=_positive_finite),
 )
 
 
@@ -75,7 +76,8 @@ class Activations(Evaluator):
         """(massive_min, massive_ratio): the run's options, else the declared defaults."""
         return tuple(float(self.options.get(o.name, o.default)) for o in OPTIONS)
 
-    def observing(self, model: torch.nn.Module, baseline: dict | None):
+    def observing(self, model: torch.nn.Module, baseline: dict | None
+                  ) -> AbstractContextManager[Callable[[str], dict]]:
         return self._observe(model, baseline)
 
     @contextlib.contextmanager

@@ -126,7 +126,7 @@ class ResidualPass:
         flat = a.reshape(-1)
         if n <= self.cap:
             idx = over.reshape(-1).nonzero()[:, 0]
-        else:  # more than one per token: keep the largest (the rest are counted, never silently lost)
+        else:  # more than the cap (tokens in the pass): keep the largest; the rest are counted, never lost silently
             idx = flat.masked_fill(~over.reshape(-1), -1.0).topk(self.cap).indices
             self.dropped[layer] += n - self.cap
         per_window = a.shape[1]
