@@ -4,6 +4,8 @@ report section and console line; bad activation settings are one-line usage erro
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -12,7 +14,9 @@ import torch
 from transformers import AutoTokenizer
 
 import esa_runner
+from esa.outdir.compare import compare
 from tests.realmodels import CORPUS, embedded_dir
+from tests.runner.test_resume import killed
 from tests.superweights.test_detect import llama6, plant_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -34,15 +38,28 @@ def planted_dir(path: Path) -> tuple[Path, int]:
     return path, the
 
 
-def test_restore_activations_run(tmp_path, capsys):
-    model_dir, _ = planted_dir(tmp_path / "model")
-    out = tmp_path / "out"
-    argv = ["--model", str(model_dir), "--device", "cpu", "--data-file", str(CORPUS), "--metric", "magnitude",
+def run_args(model_dir: Path, out: Path) -> list[str]:
+    return ["--model", str(model_dir), "--device", "cpu", "--data-file", str(CORPUS), "--metric", "magnitude",
             "--mode", "global", "--topk", "1", "--perturb", "zero", "--controls", "random_k", "--restore-activations",
-            "--max-length", "32", "--max-samples", "2", "--eval-samples", "4",
-            "--out-dir", str(out)]
-    assert esa_runner.main(argv) == 0
-    printed = capsys.readouterr().out
+            "--max-length", "32", "--max-samples", "2", "--eval-samples", "4", "--out-dir", str(out)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return planted_dir(tmp_path_factory.mktemp("planted"))[0]
+
+
+@pytest.fixture(scope="module")
+def full_run(model_dir, tmp_path_factory) -> tuple[Path, str]:
+    """The uninterrupted run's out-dir and what it printed."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert esa_runner.main(run_args(model_dir, out)) == 0
+    return out, printed.getvalue()
+
+
+def test_restore_activations_run(full_run):
+    out, printed = full_run
     pert = json.loads((out / "perturbation_results.json").read_text())
     assert list(pert["conditions"]) == ["top_k", "top_k+restored", "random_k", "random_k+restored"]
     c = pert["conditions"]
@@ -64,6 +81,16 @@ def test_restore_activations_run(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "## Massive activations" in report and "gone from layer 2 on" in report and "restored" in report
     assert (out / "activations.png").stat().st_size > 1000
+
+
+def test_a_run_killed_between_perplexity_and_activations_resumes_to_the_same_files(model_dir, full_run, tmp_path):
+    """Journal line 3 is the top_k perplexity: the kill leaves its activations record unmeasured, which the
+    resume then measures with a forward of its own (the same numbers as riding perplexity's)."""
+    out = tmp_path / "run"
+    killed(run_args(model_dir, out), "condition:3")
+    assert esa_runner.main(run_args(model_dir, out) + ["--resume", str(out)]) == 0
+    diff = {n: v for n, v in compare(out, full_run[0]).items() if v != "identical"}
+    assert diff == {}, diff
 
 
 @pytest.mark.parametrize("flags, message", [
