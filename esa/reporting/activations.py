@@ -63,7 +63,8 @@ def sentence(res: dict) -> str:
                 f"{_times(largest['max'], largest['median'])}× its median)")
     top = next((c for c in primary(res) if c["condition"] == "top_k"), None)
     if top is not None and base["n_massive"]:
-        text += (f"; perturbing the Top-K (group {top['group']}, seed {top['seed']}) leaves {top['still_massive']} of "
+        text += (f"; perturbing the Top-K ({_label(top).split(', ', 1)[-1]}, seed {top['seed']}) leaves "
+                 f"{top['still_massive']} of "
                  f"them massive ({_gone_text(top)}) and multiplies perplexity by {ratio_text(top['ppl_ratio'])}")
         back = _restored(res, top)
         if back is not None:
@@ -74,12 +75,11 @@ def sentence(res: dict) -> str:
 def table(res: dict) -> summary.Table:
     """Condition (primary seed) → perplexity ratio, baseline massive activations still massive, where
     each channel is gone, and the largest |h| of the last layer."""
-    head = ["condition", "group", "ppl ratio", "still massive", "gone", "largest abs value, last layer"]
-    rows = [["baseline", "", "×1", f"{res['baseline']['n_massive']} of {res['baseline']['n_massive']}", "-",
+    head = ["condition", "ppl ratio", "still massive", "gone", "largest abs value, last layer"]
+    rows = [["baseline", "×1", f"{res['baseline']['n_massive']} of {res['baseline']['n_massive']}", "-",
              sci(res["baseline"]["layers"][-1]["max"])]]
     for c in primary(res):
-        rows.append([c["condition"] if c["experiment"] != "super_weights" else f"super weights: {c['condition']}",
-                     c["group"], ratio_text(c["ppl_ratio"]), f"{c['still_massive']} of {c['baseline_massive']}",
+        rows.append([_label(c), ratio_text(c["ppl_ratio"]), f"{c['still_massive']} of {c['baseline_massive']}",
                      _gone_text(c) if c["baseline_massive"] else "-", sci(c["layers"][-1]["max"])])
     return head, rows
 
@@ -108,6 +108,14 @@ def console_lines(out_dir: Path) -> list[str]:
     return [head, sentence(res)]
 
 
+def _label(cond: dict) -> str:
+    """"top_k+restored, k=10" / "none, block channel" / "super weights: zero every candidate"."""
+    if cond["experiment"] == "super_weights":
+        return f"super weights: {cond['condition']}"
+    group = {"perturbation": "k=", "quantization": "block "}.get(cond["experiment"], "") + cond["group"]
+    return f"{cond['condition']}, {group}" if cond["group"] else cond["condition"]
+
+
 def _marked(rec: dict) -> set[int]:
     return {layer for g in rec["massive"] for layer in g["layers"]}
 
@@ -133,7 +141,7 @@ def plot(out_dir: Path) -> Path | None:
     for i, c in enumerate(primary(res)):
         name = c["condition"].removesuffix("+restored")
         color = COND_COLORS.get(name, f"C{(i + 2) % 10}")
-        draw(c, f"{c['condition']} {c['group']}".strip(), color=color, lw=1.1, alpha=0.85,
+        draw(c, _label(c), color=color, lw=1.1, alpha=0.85,
              ls="--" if c["condition"].endswith("+restored") else "-")
     ax.set_yscale("log")
     ax.set_xlabel("layer (decoder block output = residual stream)")
@@ -141,7 +149,7 @@ def plot(out_dir: Path) -> Path | None:
     ax.set_title(f"Massive activations (★ = |h| > {res['massive_min']:g} and > {res['massive_ratio']:g}× the layer "
                  f"median) on {res['windows']} windows", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best", ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save(fig, out_dir / PLOT)
 
 
