@@ -11,7 +11,7 @@ from esa.outdir.readers import read_json
 from esa.reporting import summary
 from esa.reporting.format import layer_span, num, ratio_text, sci
 from esa.reporting.parts import Part, register
-from esa.reporting.plotkit import COND_COLORS, plt, save
+from esa.reporting.plotkit import plt, save
 
 RESULTS = "activations.json"
 PLOT = "activations.png"
@@ -135,14 +135,15 @@ def plot(out_dir: Path) -> Path | None:
         hot = sorted(_marked(rec))
         ax.scatter(hot, [ys[i] for i in hot], s=36, marker="*", color=line.get_color(), zorder=3)
 
-    draw(base, "baseline", color="black", lw=2.2)
+    draw(base, "baseline", color="black", lw=2.4, zorder=4)  # on top: most conditions leave it unchanged
     thr = [max(res["massive_min"], res["massive_ratio"] * num(r["median"])) for r in base["layers"]]
     ax.plot(xs, thr, ":", color="gray", lw=1, label="massive threshold (baseline)")
-    for i, c in enumerate(primary(res)):
-        name = c["condition"].removesuffix("+restored")
-        color = COND_COLORS.get(name, f"C{(i + 2) % 10}")
-        draw(c, _label(c), color=color, lw=1.1, alpha=0.85,
-             ls="--" if c["condition"].endswith("+restored") else "-")
+    palette = plt.get_cmap("tab20")
+    plain = [c for c in primary(res) if not c["condition"].endswith("+restored")]
+    for c in primary(res):  # a condition and its +restored twin share a colour; the twin is dashed
+        twin = c["condition"].endswith("+restored")
+        mate = next((i for i, p in enumerate(plain) if _label(p) == _label(c).replace("+restored", "")), 0)
+        draw(c, _label(c), color=palette((2 * mate + twin) % 20), lw=1.2, ls="--" if twin else "-")
     ax.set_yscale("log")
     ax.set_xlabel("layer (decoder block output = residual stream)")
     ax.set_ylabel("max |activation| over windows and tokens (log)")
