@@ -40,8 +40,8 @@ import torch
 
 from esa.evaluators.registry import EvalInputs, Evaluator, Measured, evaluator
 from esa.model import distributed, residual
-from esa.model.forward import batches
-from esa.model.introspect import assert_eval, input_device
+from esa.model.forward import rank_batches
+from esa.model.introspect import assert_eval
 from esa.options import Option, Options, finite_non_negative
 
 log = logging.getLogger("esa")
@@ -93,9 +93,8 @@ class Activations(Evaluator):
 
     def evaluate(self, model: torch.nn.Module, baseline: dict | None, label: str) -> dict:
         assert_eval(model)
-        local, _ = distributed.shard(self.inputs.windows)
         with self._observe(model, baseline) as finish, torch.no_grad():
-            for batch in batches(local, self.inputs.batch_size, input_device(model), "activations"):
+            for batch in rank_batches(model, self.inputs.windows, self.inputs.batch_size, "activations"):
                 model(input_ids=batch, use_cache=False)
         return finish(label)
 

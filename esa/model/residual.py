@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from esa.model import distributed
+from esa.model.forward import is_dummy
 from esa.model.introspect import decoder_blocks
 
 
@@ -195,13 +196,17 @@ def observing(model: torch.nn.Module, windows: torch.Tensor, start: int, sink: R
 
     The passes must be over ``windows`` ``[W, L]`` (this rank's share, whose first row is evaluation
     window ``start``) in order, in batches of any size: each batch is checked against the next rows
-    (a forward over anything else is an error, never a silently wrong record).
+    (a forward over anything else is an error, never a silently wrong record).  A sharded model's
+    dummy steps (:func:`esa.model.forward.dummy_step`) are not recorded.
     """
     blocks = blocks_of(model)
     state = {"next": 0, "rows": None}
 
     def before(_m, args, kwargs):
         ids = _ids(args, kwargs)
+        if ids is not None and is_dummy(ids):
+            state["rows"] = None
+            return
         n = 0 if ids is None else ids.shape[0]
         i = state["next"]
         if ids is None or not torch.equal(ids.detach().cpu(), windows[i:i + n]):
@@ -213,7 +218,8 @@ def observing(model: torch.nn.Module, windows: torch.Tensor, start: int, sink: R
     try:
         for layer, block in enumerate(blocks):
             handles.append(block.register_forward_hook(
-                lambda _m, _a, out, layer=layer: sink.record(layer, state["rows"], hidden_of(out))))
+                lambda _m, _a, out, layer=layer: None if state["rows"] is None
+                else sink.record(layer, state["rows"], hidden_of(out))))
         yield
     finally:
         for h in handles:
@@ -247,7 +253,7 @@ def writing(model: torch.nn.Module, windows: torch.Tensor, points: Points) -> It
 
     def before(_m, args, kwargs):
         ids = _ids(args, kwargs)
-        state["rows"] = None if ids is None else lookup.rows(ids)
+        state["rows"] = None if ids is None or is_dummy(ids) else lookup.rows(ids)
         counts["forwards"] += 1
         if state["rows"] is not None:
             counts["rows_written"] += int((state["rows"] >= 0).sum())

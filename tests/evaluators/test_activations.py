@@ -6,6 +6,7 @@ perplexity (whose numbers do not change); the model bit-exactly itself after eve
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from esa.evaluators.measure import Measurer
 from esa.evaluators.perplexity import Perplexity
 from esa.experiment.registry import Condition
 from esa.model import residual
+from esa.model.forward import dummy_step
 from esa.options import Options
 from esa.superweights import detect as sw
 from tests.conftest import VOCAB, make_gpt2, make_llama
@@ -211,6 +213,21 @@ def test_activations_ride_the_perplexity_forward_which_stays_bit_identical():
     assert own.evaluate(model, None, "baseline") == both.baseline()["activations"]
     with zeroing(model).change():
         assert own.evaluate(model, both.baseline()["activations"], "zero") == row["activations"]
+
+
+def test_a_sharded_models_dummy_steps_are_neither_recorded_nor_restored(caplog):
+    """FSDP ranks that ran out of windows make dummy forwards (esa.model.forward.dummy_step): skipped."""
+    model = planted()
+    w = windows()
+    ev = evaluator(w)
+    with ev.observing(model, None) as finish, torch.no_grad():
+        for i in range(0, len(w), BATCH):
+            model(input_ids=w[i:i + BATCH], use_cache=False)
+        dummy_step(model, backward=False)
+    assert finish("baseline") == ev.evaluate(model, None, "baseline")
+    with caplog.at_level(logging.WARNING, logger="esa"), restoring(model, w, finish("baseline")), torch.no_grad():
+        dummy_step(model, backward=False)
+    assert not caplog.records  # not an input that ran unrestored
 
 
 def test_an_observed_forward_over_other_windows_is_an_error():
