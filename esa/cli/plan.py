@@ -8,6 +8,7 @@ from pathlib import Path
 from esa.cli.common import format_plan, plan_device
 from esa.config import RunConfig, default_run_dir
 from esa.data import WIKITEXT2_ENV, DataSpec
+from esa.evaluators import EVALUATORS
 from esa.experiment.registry import EXPERIMENTS
 from esa.model import distributed
 from esa.model.device import EMBEDDED_MODEL
@@ -17,6 +18,7 @@ OUTPUT_FILES = ("config.json", "experiment_manifest.json", "top_weights.csv", "s
                 "score_distribution.npz", "report.md")
 SUPER_WEIGHT_FILES = ("super_weights.json", "super_weights.txt", "super_weights.png")
 EXPERIMENT_PLOTS = {"quantization": ("quantization.png",)}  # the experiments' own figures (always drawn)
+EVALUATOR_PLOTS = {"activations": ("activations.png",)}  # the evaluators' own figures (always drawn)
 
 
 def writable_dir(path: Path) -> bool:
@@ -64,6 +66,9 @@ def output_files(cfg: RunConfig) -> list[str]:
     files = list(OUTPUT_FILES)
     for name in cfg.experiment.enabled():
         files += [EXPERIMENTS[name].results_file, *EXPERIMENT_PLOTS.get(name, ())]
+    for name in cfg.evaluation.evaluate:
+        if EVALUATORS[name].results_file:
+            files += [EVALUATORS[name].results_file, *EVALUATOR_PLOTS.get(name, ())]
     if cfg.scoring.stability_check and len(cfg.scoring.seeds) >= 2:
         files.append("stability_summary.json")
     if cfg.super_weights.detect_super_weights:
@@ -97,6 +102,8 @@ def runner_plan(cfg: RunConfig) -> str:
     out_dir = Path(out.out_dir) if out.out_dir else default_run_dir(cfg)
     model = m.model + (" (embedded SmolLM2-135M-Instruct)" if m.model == EMBEDDED_MODEL else "")
     conditions = ["top_k", *o.controls] if o.perturb else []
+    if o.restore_activations:
+        conditions = [c for name in conditions for c in (name, f"{name}+restored")]
     perturb = "none (scores and Top-K only)" if not o.perturb else (
         f"{o.perturb} scale={o.perturb_scale} prob={o.perturb_prob}"
         + (f" bit={o.bit_index if o.bit_index is not None else 'MSB of exponent'}" if o.perturb == "bit_flip"

@@ -2,7 +2,8 @@
 
 ``registry`` holds the :class:`~esa.evaluators.registry.Evaluator` base, its inputs and the
 registry; ``measure`` runs every condition of a run with every requested evaluator once (the
-evaluation cache and the journal that ``--resume`` reads); ``perplexity`` is the first evaluator.
+evaluation cache and the journal that ``--resume`` reads, observers riding a driver's forward); ``perplexity`` is the
+first evaluator, ``activations`` measures the residual stream's massive activations.
 Every module of this package is imported here, so a new evaluator is one new file (plus its test):
 ``--evaluate``, its flags, the dry run and the journal all come from its registration.  ``spec``
 holds the run's evaluation settings (:class:`~esa.evaluators.spec.EvaluationSpec`).

@@ -15,6 +15,13 @@ record is appended as it is measured, so ``--resume`` skips it; no evaluator kno
 **Row shape.**  The first evaluator (perplexity in every tool) is the run's reference: its record
 is the row's top level, the condition's ``info`` follows, and every other evaluator's record sits
 under its own name: ``{"ppl": ..., "ratio": ..., "n_changed": ..., "tasks": {...}}``.
+
+**One forward for several evaluators.**  When a condition needs a *driver* (an evaluator whose
+evaluation is one forward per batch of the evaluation windows: perplexity) and an evaluator that
+can observe (:meth:`~esa.evaluators.registry.Evaluator.observing`, e.g. ``activations``) on the same
+windows and batch size, the observer's hooks ride the driver's forward: one forward per batch for
+both.  The driver's numbers do not change (the hooks only read).  Otherwise each evaluator runs its
+own evaluation.
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ class Measurer:
 
     def _store(self, cond_key: str, ev: Evaluator, record: dict, info: dict) -> None:
         key = f"{cond_key}|{ev.key()}"
-        entry = {"record": record, "info": info}
+        entry = {"record": record, "info": dict(info)}
         self.cache[key] = entry
         if self.journal is not None:
             self.journal.append(key, entry)
@@ -79,11 +86,35 @@ class Measurer:
     def baselines(self) -> dict[str, dict]:
         """Each evaluator's record of the unmodified model (measured once, then cached)."""
         missing = [ev for ev in self.evaluators if self._cached(BASELINE, ev) is None]
-        for ev in missing:
-            log.info("baseline: %s of the unmodified model", ev.name)
-            self._store(BASELINE, ev, ev.evaluate(self.model, None, BASELINE), {})
-            log.info("baseline %s: %s", ev.name, _headline(self._cached(BASELINE, ev)["record"]))
+        if missing:
+            log.info("baseline: %s of the unmodified model", ", ".join(ev.name for ev in missing))
+            self._evaluate(BASELINE, missing, None, BASELINE, {})
+            for ev in missing:
+                log.info("baseline %s: %s", ev.name, _headline(self._cached(BASELINE, ev)["record"]))
         return {ev.name: self._cached(BASELINE, ev)["record"] for ev in self.evaluators}
+
+    def _evaluate(self, cond_key: str, missing: list[Evaluator], base: dict[str, dict] | None, label: str,
+                  info: dict) -> None:
+        """Measure and store ``missing`` on the model as it is now (``base``: the baseline records, None
+        while measuring the baseline): observers ride the first driver's forward (module docstring)."""
+        driver = next((ev for ev in missing if ev.drives), None)
+        rest = [ev for ev in missing if ev is not driver]
+        with contextlib.ExitStack() as hooks:
+            finish: dict[str, Callable[[str], dict]] = {}
+            for ev in rest if driver is not None else []:
+                watch = ev.observing(self.model, None if base is None else base[ev.name]) \
+                    if _same_inputs(ev, driver) else None
+                if watch is not None:
+                    finish[ev.name] = hooks.enter_context(watch)
+            if driver is not None:
+                self._store(cond_key, driver, driver.evaluate(self.model, None if base is None else base[driver.name],
+                                                              label), info)
+            for ev in rest:
+                if ev.name in finish:
+                    self._store(cond_key, ev, finish[ev.name](label), info)
+        for ev in rest:
+            if ev.name not in finish:
+                self._store(cond_key, ev, ev.evaluate(self.model, None if base is None else base[ev.name], label), info)
 
     def baseline(self) -> dict:
         """The baseline row: the reference record, then the other evaluators' records by name."""
@@ -96,8 +127,7 @@ class Measurer:
         missing = [ev for ev in self.evaluators if self._cached(cond.key, ev) is None]
         if missing:
             with cond.change() as info:
-                for ev in missing:
-                    self._store(cond.key, ev, ev.evaluate(self.model, base[ev.name], cond.label), dict(info))
+                self._evaluate(cond.key, missing, base, cond.label, dict(info))
         else:
             first = self._cached(cond.key, self.evaluators[0])["record"]
             log.info("%s: the same change as a condition already measured (%s %s), not re-run", cond.label,
@@ -108,6 +138,13 @@ class Measurer:
     def _row(self, records: dict[str, dict], info: dict) -> dict:
         ref = self.evaluators[0].name
         return {**records[ref], **info, **{name: rec for name, rec in records.items() if name != ref}}
+
+
+def _same_inputs(ev: Evaluator, driver: Evaluator) -> bool:
+    """Whether ``ev`` reads exactly the windows and batches ``driver``'s forward runs over."""
+    a, b = ev.inputs.windows, driver.inputs.windows
+    return (a is not None and b is not None and ev.inputs.batch_size == driver.inputs.batch_size
+            and (a is b or (a.shape == b.shape and torch.equal(a, b))))
 
 
 def _headline(record: dict) -> str:

@@ -40,6 +40,8 @@ def perplexity_row(model: torch.nn.Module, windows: torch.Tensor, batch_size: in
            help="token perplexity exp(sum NLL / tokens) of the evaluation windows (fp32 logits, float64 sums), "
                 "with delta_ppl and ratio to the unmodified model")
 class Perplexity(Evaluator):
+    drives = True  # one forward per batch of this rank's windows, in order (esa.model.forward.perplexity)
+
     def evaluate(self, model: torch.nn.Module, baseline: dict | None, label: str) -> dict:
         if baseline is None:  # the unmodified model: a NaN loss there is an error, never a number
             return dict(perplexity(model, self.inputs.windows, self.inputs.batch_size))

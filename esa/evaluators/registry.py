@@ -8,7 +8,16 @@ building task requests happens in ``__init__``) and called for every condition.
 
 It declares what it needs (``needs``: ``eval_windows``, ``tokenizer``) and its settings
 (``options``, which become flags); :meth:`Evaluator.key` names it with its settings, so a journalled
-record is reused only by an evaluator with the same settings.
+record is reused only by an evaluator with the same settings.  ``implied_by``: settings of other
+parts (e.g. the experiment option ``restore_activations``) whose flag, typed, adds this evaluator.
+
+**Sharing a forward.**  An evaluator whose :meth:`~Evaluator.evaluate` is exactly one model forward
+per batch of the evaluation windows (this rank's share, in order, ``batch_size`` per batch) says so
+with ``drives = True`` (perplexity).  An evaluator that can measure from hooks on someone else's
+forward implements :meth:`~Evaluator.observing`; the measurer then runs it inside a driver's
+evaluation over the same windows instead of running a forward of its own (one forward per batch
+for both).  An evaluator may also write a results file of its own (``results_file``), built by the
+runner from every measured row (:meth:`~Evaluator.results`).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,6 +48,20 @@ class EvalInputs:
     tokenizer: object | None = None
 
 
+@dataclass(frozen=True)
+class Measured:
+    """One measured condition of a run, as the runner hands it to an evaluator's results file:
+    the ``experiment`` (or ``"super_weights"`` for the detector's ablation), the ``seed`` (None when
+    it does not depend on one), the experiment's ``group`` (k, block size; "" when none), the
+    ``condition``'s name and its ``row`` (the reference record, the info, the other records by name)."""
+
+    experiment: str
+    seed: int | None
+    group: str
+    condition: str
+    row: dict
+
+
 class Evaluator:
     """One measurement.  Subclasses set the class attributes through :func:`evaluator` and implement
     :meth:`evaluate`; ``self.options`` holds the run's evaluator options, ``self.inputs`` the inputs."""
@@ -46,6 +70,9 @@ class Evaluator:
     help: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     options: ClassVar[tuple[Option, ...]] = ()
+    implied_by: ClassVar[tuple[str, ...]] = ()
+    results_file: ClassVar[str] = ""
+    drives: ClassVar[bool] = False  # evaluate() = one forward per batch of the windows, in order (see module doc)
 
     def __init__(self, options: Options, inputs: EvalInputs) -> None:
         self.options = options
@@ -65,11 +92,24 @@ class Evaluator:
     def evaluate(self, model: torch.nn.Module, baseline: dict | None, label: str) -> dict:
         raise NotImplementedError
 
+    def observing(self, model: torch.nn.Module, baseline: dict | None
+                  ) -> AbstractContextManager[Callable[[str], dict]] | None:
+        """Hooks that measure the forward passes a driver (``drives``) runs inside the block, over
+        ``self.inputs.windows`` in batches of ``self.inputs.batch_size``; the block yields
+        ``finish(label)``, which returns the record :meth:`evaluate` would have.  None: this
+        evaluator cannot observe (it always runs its own evaluation)."""
+        return None
+
+    def results(self, baseline: dict, measured: list[Measured]) -> dict:
+        """The content of ``results_file`` from the baseline row and every measured row."""
+        raise NotImplementedError
+
 
 EVALUATORS: Registry[type[Evaluator]] = Registry("evaluator")
 
 
-def evaluator(name: str, *, help: str, needs: tuple[str, ...] = (), options: tuple[Option, ...] = ()
+def evaluator(name: str, *, help: str, needs: tuple[str, ...] = (), options: tuple[Option, ...] = (),
+              implied_by: tuple[str, ...] = (), results_file: str = ""
               ) -> Callable[[type[Evaluator]], type[Evaluator]]:
     """Register the decorated :class:`Evaluator` subclass as ``name`` (a duplicate name is an error)."""
     unknown = set(needs) - set(NEEDS)
@@ -82,6 +122,7 @@ def evaluator(name: str, *, help: str, needs: tuple[str, ...] = (), options: tup
         if clash:
             raise ValueError(f"evaluator {name!r}: options {clash} are already declared by another evaluator")
         cls.name, cls.help, cls.needs, cls.options = name, help, frozenset(needs), tuple(options)
+        cls.implied_by, cls.results_file = tuple(implied_by), results_file
         EVALUATORS.add(name, cls)
         return cls
     return deco

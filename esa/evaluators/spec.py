@@ -36,10 +36,11 @@ class EvaluationSpec:
 
 
 def with_implied(spec: EvaluationSpec, given: set[str]) -> EvaluationSpec:
-    """``spec`` with every evaluator whose own option was typed added to ``evaluate`` (``--eval-tasks X``
-    asks for the ``tasks`` evaluator: no need to name it in ``--evaluate`` too)."""
+    """``spec`` with every evaluator whose own option, or a setting it is ``implied_by``, was typed added
+    to ``evaluate`` (``--massive-min X`` or ``--restore-activations`` asks for the ``activations``
+    evaluator: no need to name it in ``--evaluate`` too)."""
     wanted = [name for name in EVALUATORS if name not in spec.evaluate
-              and any(o.name in given for o in EVALUATORS[name].options)]
+              and any(n in given for n in (*(o.name for o in EVALUATORS[name].options), *EVALUATORS[name].implied_by))]
     return spec if not wanted else dataclasses.replace(spec, evaluate=(*spec.evaluate, *wanted))
 
 

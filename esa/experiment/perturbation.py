@@ -5,6 +5,12 @@ Conditions per seed: ``top_k`` and every control at ``--topk`` (group k = ``--to
 for each other sweep k (group k).  Each draws its randomness (Gaussian noise, ``--perturb-prob``)
 from the stream ``perturb:<condition>`` (``perturb:<condition>:k<k>`` for a sweep k), so adding a
 condition never changes another's draws.  The perturbations themselves: :mod:`esa.experiment.perturb`.
+
+With ``--restore-activations`` each condition is followed by ``<name>+restored``: the same
+perturbation with the baseline's massive activations written back into the residual stream (Yu et
+al.'s "remove the weight, restore the activation").  The intervention is the run's ``restoring``
+(:class:`~esa.experiment.registry.RunView`), built by the runner from the ``activations``
+evaluator's baseline record, so this module never reads an evaluator.
 """
 
 from __future__ import annotations
@@ -82,6 +88,9 @@ OPTIONS = (
            "computed once per seed); --topk stays the main k of the table, top_weights.csv and stability. Each k "
            "must fit the weight count like --topk. Needs --perturb", parse=parse_topk_sweep, metavar="K1,K2,...",
            show_default=""),
+    Option("restore_activations", False, "also measure every perturbed condition with the unmodified model's massive "
+           "activations written back into the residual stream at their (layer, channel, window, token), as "
+           "'<condition>+restored' beside it (adds the activations evaluator). Needs --perturb"),
 )
 
 
@@ -94,6 +103,9 @@ class Perturbation(Experiment):
 
     @classmethod
     def validate(cls, opts: Options) -> None:
+        if opts.restore_activations and not opts.perturb:
+            raise UsageError("--restore-activations needs --perturb (it restores the activations a perturbation "
+                             "changed)")
         if opts.topk_sweep and not opts.perturb:
             raise UsageError("--topk-sweep needs --perturb (the sweep measures the perplexity change per k)")
         if opts.bit_index is not None and opts.perturb != "bit_flip":
@@ -109,6 +121,9 @@ class Perturbation(Experiment):
 
     def check(self) -> None:
         self.bit()
+        if self.opts.restore_activations and self.view.restoring is None:
+            raise UsageError("--restore-activations needs the activations evaluator "
+                             "(--evaluate perplexity,activations)")
 
     def conditions(self, sel: SeedSelections) -> Iterator[tuple[Hashable, Condition]]:
         k_main = self.view.topk
@@ -125,8 +140,22 @@ class Perturbation(Experiment):
             stream = f"perturb:{name}{suffix}"
             key = evaluation_key((o.perturb, o.perturb_scale, o.perturb_prob, o.bit_index, f"{seed}:{stream}"),
                                  sel.indices)
-            yield k, Condition(name, key, lambda s=sel, st=stream, n=name: self._change(s, seed, st, n),
-                               f"seed {seed} {name}")
+            cond = Condition(name, key, lambda s=sel, st=stream, n=name: self._change(s, seed, st, n),
+                             f"seed {seed} {name}" + (f" k={k}" if suffix else ""))
+            yield k, cond
+            if o.restore_activations:
+                yield k, self._restored(cond)
+
+    def _restored(self, cond: Condition) -> Condition:
+        """``cond`` with the baseline's massive activations written back (``<name>+restored``)."""
+        restoring = self.view.restoring
+
+        @contextlib.contextmanager
+        def change() -> Iterator[dict]:
+            with cond.change() as info, restoring() as restored:
+                yield {**info, **restored}
+        return Condition(f"{cond.name}+restored", evaluation_key((cond.key, "restored activations"), {}), change,
+                         f"{cond.label} + restored activations")
 
     @contextlib.contextmanager
     def _change(self, sel: Selection, seed: int, stream: str, name: str) -> Iterator[dict]:

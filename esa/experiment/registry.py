@@ -76,6 +76,9 @@ class RunView(Protocol):
     options: Options  # every experiment option of the run
     eval_windows: int
     super_weights: dict | None  # the detector's result (with --detect-super-weights), else None
+    # writes the baseline's massive activations back into the residual stream inside the block (the
+    # runner provides it when the run measures them and --restore-activations asks for it), else None
+    restoring: Callable[[], AbstractContextManager[dict]] | None
 
 
 # per seed: {group: {condition name: row}}; a group is what the experiment placed the condition in

@@ -132,6 +132,18 @@ def all_reduce_sum(tensors: Iterable[torch.Tensor]) -> None:
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
 
 
+def all_reduce_host(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum CPU tensors over ranks in place, through the backend's device (nccl reduces CUDA tensors
+    only); no-op in one process."""
+    if not active():
+        return
+    dev = _comm_device()
+    for t in tensors:
+        x = t.to(dev)
+        tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+        t.copy_(x.cpu())
+
+
 def all_reduce_floats(values: list[float]) -> list[float]:
     """Sum Python floats over ranks in float64 (NLL sums and token counts)."""
     if not active():

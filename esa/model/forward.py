@@ -128,6 +128,27 @@ def dummy_step(model: torch.nn.Module, backward: bool) -> None:
         (out.float().sum() * 0.0).backward()
 
 
+def is_dummy(input_ids: torch.Tensor) -> bool:
+    """Whether ``input_ids`` is :func:`dummy_step`'s input (one token, id 0): hooks that observe the
+    evaluation windows skip it (a window has at least two tokens)."""
+    return tuple(input_ids.shape) == (1, 1) and int(input_ids.reshape(-1)[0]) == 0
+
+
+def rank_batches(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, desc: str
+                 ) -> Iterator[torch.Tensor]:
+    """This rank's share of ``windows`` ``[W, L]`` in ``[B, L]`` batches on the model's input device;
+    then, for a sharded model, the :func:`dummy_step` forwards that give every rank the same number
+    of forward calls (FSDP all-gathers each block's weights in every forward)."""
+    local, _ = distributed.shard(windows)
+    done = 0
+    for batch in batches(local, batch_size, input_device(model), desc):
+        yield batch
+        done += 1
+    if distributed.sharded(model):
+        for _ in range(done, distributed.steps(len(windows), batch_size)):
+            dummy_step(model, backward=False)
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> dict:
     """``{"ppl", "mean_nll", "nll_sum", "tokens"}`` of ``model`` on ``windows`` ``[W, L]``.
@@ -138,15 +159,9 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -
     sharded model's ranks make the same number of forward calls (:func:`dummy_step`).
     """
     assert_eval(model)
-    local, _ = distributed.shard(windows)
     total = NLLTotal()
-    done = 0
-    for batch in batches(local, batch_size, input_device(model), "evaluate"):
+    for batch in rank_batches(model, windows, batch_size, "evaluate"):
         total.add(score_tokens(model, batch, [1] * batch.shape[0]))
-        done += 1
-    if distributed.sharded(model):  # every rank makes the same number of forward calls (FSDP all-gathers in each)
-        for _ in range(done, distributed.steps(len(windows), batch_size)):
-            dummy_step(model, backward=False)
     nll, tokens = distributed.all_reduce_floats([total.nll_sum, float(total.tokens)])
     total.nll_sum, total.tokens = nll, int(tokens)
     return total.result()

@@ -47,7 +47,8 @@ def default_out_dir(*parts: str) -> Path:
 RUN_FILES = ("config.json", "experiment_manifest.json", "top_weights.csv", "sensitivity_stats.json",
              "score_distribution.npz", "perturbation_results.json", "stability_summary.json", "report.md",
              "super_weights.json", "super_weights.txt", "super_weights.png", "quantization_results.json",
-             "quantization.png", "metric_agreement.json", "metric_agreement.png")
+             "quantization.png", "metric_agreement.json", "metric_agreement.png", "activations.json",
+             "activations.png")
 PLOT_FILES = ("score_distribution.png", "topk_locations.png", "score_concentration.png", "perturbation_effect.png",
               "stability.png", "dose_response.png")
 RESULTS_SUFFIX = "_results.json"  # every experiment's results file (<name>_results.json), registered or future

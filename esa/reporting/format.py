@@ -58,3 +58,15 @@ VERBS = {"zero": "Zeroing", "sign_flip": "Sign-flipping", "gauss_noise": "Adding
 def verb(perturb: str | None) -> str:
     """The perturbation as a sentence opening: ``zero`` -> "Zeroing"."""
     return VERBS.get(perturb or "", f"Perturbing ({perturb})")
+
+
+def layer_span(layers: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> "layers 3–5, 9"; ``[7]`` -> "layer 7"."""
+    if not layers:
+        return "no layer"
+    runs, start = [], layers[0]
+    for prev, cur in zip(layers, [*layers[1:], None]):
+        if cur is None or cur != prev + 1:
+            runs.append(str(start) if start == prev else f"{start}–{prev}")
+            start = cur
+    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(runs)

@@ -18,6 +18,7 @@ from esa.outdir.readers import read_json
 from esa.reporting import metrics_report, parts, quantization, summary
 from esa.reporting.format import count_text, num, ratio_text, sci, verb
 from esa.reporting.plots import PLOTS
+from esa.reporting.superweights import feeds_text
 
 FILE_NOTES = {
     "config.json": "resolved configuration, device, library versions, targets, data source, seed semantics",
@@ -35,6 +36,9 @@ FILE_NOTES = {
     "super_weights.json": "super-weight candidates (data-free detector), every search pass, ablation, Top-K overlap",
     "super_weights.txt": "the super-weight table as printed",
     "super_weights.png": "max |down-projection input| and |output| per layer, spikes marked (PNG)",
+    "activations.json": "per layer the largest |residual-stream value| and the median; the massive activations of the "
+                        "baseline and of every condition, and what became of each baseline one",
+    "activations.png": "max |residual-stream value| per layer, baseline vs each condition, massive ones marked (PNG)",
 }
 
 
@@ -114,13 +118,14 @@ def super_weights_section(sw: dict | None) -> list[str]:
     abl = sw.get("ablation") or {}
     each = abl.get("each") or [{}] * len(cands)
     per_seed = (sw.get("topk_overlap") or {}).get("per_seed", {})
-    lines += ["", "| # | weight | value | spike | ppl ratio zeroed | Top-K rank per seed |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| # | weight | value | spike | ppl ratio zeroed | Top-K rank per seed | feeds |",
+              "|---|---|---|---|---|---|---|"]
     for i, (c, ev) in enumerate(zip(cands, each)):
         ranks = ", ".join(f"{seed}: {rows[i]['rank'] or '-'}" for seed, rows in per_seed.items()) or "-"
         where = f"{c['expert']}, {c['row']}, {c['col']}" if c.get("expert") is not None else f"{c['row']}, {c['col']}"
         lines.append(f"| {i + 1} | `{c['param']}`[{where}] | {c['weight']:.4g} | "
-                     f"{c['output_ratio']:.0f}x | {ratio_text(ev['ratio']) if ev else '-'} | {ranks} |")
+                     f"{c['output_ratio']:.0f}x | {ratio_text(ev['ratio']) if ev else '-'} | {ranks} | "
+                     f"{feeds_text(c.get('feeds'))} |")
     if abl.get("all"):
         lines += ["", f"All {len(cands)} zeroed: perplexity {ratio_text(abl['all']['ratio'])}; as many random weights "
                       f"of the same matrices zeroed: {ratio_text(abl['random']['ratio'])} (baseline "

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from esa.outdir.atomic import atomic_write_text, write_json
-from esa.reporting.format import num, ratio_text, sci
+from esa.reporting.format import layer_span, num, ratio_text, sci
 from esa.reporting.parts import Part, register
 from esa.reporting.plotkit import save
 
@@ -34,7 +34,7 @@ def format_table(results: Mapping) -> str:
              f"{len(cands)} candidate(s); stopped: {results.get('stopped')}"]
     if cands:
         head = (f"{'#':>2} {'layer':>5} {'parameter':<40} {'row':>6} {'col':>6} {'weight':>9} {'|x_in|':>9} "
-                f"{'|y_out|':>9} {'spike':>8} {'tok':>4} {'ppl zeroed':>11} {'ratio':>9}")
+                f"{'|y_out|':>9} {'spike':>8} {'tok':>4} {'ppl zeroed':>11} {'ratio':>9}  feeds")
         lines += [head, "-" * len(head)]
         for i, c in enumerate(cands):
             ev = each[i] if i < len(each) else {}
@@ -43,10 +43,12 @@ def format_table(results: Mapping) -> str:
                          f"{c['weight']:>9.4g} {abs(num(c['input_activation'])):>9.4g} "
                          f"{abs(num(c['output_activation'])):>9.4g} {sci(c['output_ratio']) + 'x':>8} "
                          f"{c['position']:>4} {sci(ev.get('ppl')) if ev else '-':>11} "
-                         f"{ratio_text(ev['ratio']) if ev else '-':>9}")
+                         f"{ratio_text(ev['ratio']) if ev else '-':>9}  {feeds_text(c.get('feeds'))}")
         lines.append("row, col: indices in the weight tensor's own layout (Linear [out, in]; Conv1D [in, out]); "
                      "|x_in|, |y_out|: input and output activation at token position 'tok'; spike: max |output| "
-                     "/ median over layers; ratio: perplexity with that weight alone zeroed / baseline")
+                     "/ median over layers; ratio: perplexity with that weight alone zeroed / baseline; feeds: the "
+                     "residual channel it writes and the layers where that channel holds a massive activation "
+                     "(|h| > massive_min and > massive_ratio x the layer median) on the detection input")
     else:
         lines.append("no down-projection output exceeded the threshold: no super-weight candidate")
     if abl:
@@ -59,6 +61,15 @@ def format_table(results: Mapping) -> str:
                          f"{sci(abl['random']['ppl'])} ({ratio_text(abl['random']['ratio'])})")
     lines += _overlap_lines(results.get("topk_overlap"))
     return "\n".join(lines)
+
+
+def feeds_text(feeds: Mapping | None) -> str:
+    """"ch 507: massive in layers 4–28 (max 1.2e3)", "ch 507: not massive", or "-" (an older file)."""
+    if not feeds:
+        return "-"
+    if not feeds["massive"]:
+        return f"ch {feeds['channel']}: not massive"
+    return f"ch {feeds['channel']}: massive in {layer_span(feeds['layers'])} (max {sci(feeds['max'])})"
 
 
 def _overlap_lines(overlap: Mapping | None) -> list[str]:

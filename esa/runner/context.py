@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,7 @@ class RunContext:
     ``names``: target names in ``model.named_parameters()`` order (the tie-break order).
     ``measurer``: every condition x every evaluator, with the run's evaluation cache and journal
     (shared by the metrics' views).  ``super_weights``: the detector's result, once it ran.
+    ``restoring``: the baseline's massive activations written back (``--restore-activations``), else None.
     """
 
     cfg: RunConfig
@@ -42,6 +45,7 @@ class RunContext:
     coverage: dict = field(default_factory=dict)  # esa.model.targets.coverage of the run
     fingerprints: dict = field(default_factory=dict)  # model weights and data (esa.model.fingerprint)
     super_weights: dict | None = None
+    restoring: Callable[[], AbstractContextManager[dict]] | None = None
     names: list[str] = field(init=False)
     by_name: dict[str, Target] = field(init=False)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 
+from esa.evaluators.registry import Measured
 from esa.experiment.registry import EXPERIMENTS, Experiment, Rows, SeedSelections
 from esa.runner import checkpoint
 from esa.runner.context import RunContext
@@ -21,9 +22,11 @@ def experiments(ctx: RunContext) -> list[Experiment]:
     return [EXPERIMENTS[name](ctx) for name in ctx.cfg.experiment.enabled()]
 
 
-def measure_experiments(view: RunContext, selections: list[SeedSelections]) -> dict[str, dict]:
+def measure_experiments(view: RunContext, selections: list[SeedSelections], measured: list[Measured] | None = None
+                        ) -> dict[str, dict]:
     """Each enabled experiment's results for one metric: every condition of every seed measured
-    (``{experiment name: results-file content}``)."""
+    (``{experiment name: results-file content}``); each row is also appended to ``measured`` (for the
+    evaluators' own results files)."""
     out = {}
     for exp in experiments(view):
         rows: Rows = {}
@@ -33,6 +36,8 @@ def measure_experiments(view: RunContext, selections: list[SeedSelections]) -> d
                 for group, cond in exp.conditions(sel):
                     row = view.measurer.measure(cond)
                     rows.setdefault(sel.seed, {}).setdefault(group, {})[cond.name] = row
+                    if measured is not None:
+                        measured.append(Measured(exp.name, sel.seed, str(group), cond.name, row))
                     log.info("%s: perplexity %s (ratio %.4g)", cond.label, row.get("ppl"), row.get("ratio", math.nan))
         out[exp.name] = exp.results(rows, base)
     return out

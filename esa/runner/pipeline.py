@@ -12,6 +12,8 @@ measured by the run's :class:`~esa.evaluators.measure.Measurer`), :mod:`esa.runn
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from esa.analysis.stability import stability_summary
 from esa.config import RunConfig, default_run_dir
 from esa.data import load_spec
 from esa.errors import UsageError
-from esa.evaluators import EvalInputs
+from esa.evaluators import EvalInputs, activations
 from esa.evaluators.measure import Measurer
 from esa.experiment.registry import EXPERIMENTS
 from esa.metrics import METRICS
@@ -118,8 +120,9 @@ def load(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manif
     journal = Journal(out_dir, write=is_main)
     done = journal.load() if cfg.output.resume else None
     evaluators = cfg.evaluation.build(EvalInputs(data.eval_windows, cfg.data.batch_size, tok))
-    ctx = RunContext(cfg, choice, model, tok, targets, data, out_dir, manifest, is_main,
-                     measurer=Measurer(model, evaluators, journal, done))
+    measurer = Measurer(model, evaluators, journal, done)
+    ctx = RunContext(cfg, choice, model, tok, targets, data, out_dir, manifest, is_main, measurer=measurer,
+                     restoring=restorer(cfg, model, data.eval_windows, measurer))
     for exp in experiments(ctx):
         exp.check()  # e.g. the bit of --bit-index in the model's dtype: fail before hours of scoring
     ctx.coverage = coverage(model, targets, excluded)
@@ -131,6 +134,16 @@ def load(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manif
     if is_main:
         warn_partial_coverage(cfg, ctx.coverage)
     return ctx
+
+
+def restorer(cfg: RunConfig, model: torch.nn.Module, windows: torch.Tensor, measurer: Measurer
+             ) -> Callable[[], AbstractContextManager[dict]] | None:
+    """``--restore-activations``: the intervention writing the baseline's massive activations back on
+    the evaluation ``windows`` (read from the activations evaluator's baseline record when first
+    used: the measurer measures the baseline before any condition); None without it."""
+    if not cfg.experiment.options.restore_activations or activations.NAME not in cfg.evaluation.evaluate:
+        return None
+    return lambda: activations.restoring(model, windows, measurer.baselines()[activations.NAME])
 
 
 def warn_partial_coverage(cfg: RunConfig, cov: dict) -> bool:
@@ -199,7 +212,7 @@ def _run(ctx: RunContext) -> RunResult:
         res = run.metrics[m]
         if ctx.super_weights is not None:
             res.super_weights = with_overlap(view, ctx.super_weights, res.selections)
-        res.experiments = measure_experiments(view, res.selections)
+        res.experiments = measure_experiments(view, res.selections, res.measured)
     if is_main:
         write_outputs(ctx, views, run)
     return run

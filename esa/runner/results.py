@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from esa.evaluators.registry import Measured
 from esa.experiment.registry import EXPERIMENTS, SeedSelections
 from esa.model import distributed
 from esa.outdir.journal import fault_point
@@ -29,6 +30,7 @@ class MetricResult:
     stability: dict | None = None
     experiments: dict[str, dict] = field(default_factory=dict)
     super_weights: dict | None = None
+    measured: list[Measured] = field(default_factory=list)  # every measured row (evaluators' results files)
 
 
 @dataclass
@@ -60,6 +62,27 @@ def write_selections(view: RunContext, result: MetricResult) -> None:
     view.manifest.save()
 
 
+def ablation_rows(sw: dict | None) -> list[Measured]:
+    """The super-weight ablation's measured rows (each candidate zeroed, all, the random control)."""
+    abl = (sw or {}).get("ablation") or {}
+    rows = [Measured("super_weights", None, "", f"zero {e['param']}[{e['row']}, {e['col']}]", e)
+            for e in abl.get("each") or []]
+    for key, name in (("all", "zero every candidate"), ("random", "zero as many random weights")):
+        if abl.get(key):
+            rows.append(Measured("super_weights", None, "", name, abl[key]))
+    return rows
+
+
+def write_evaluator_results(view: RunContext, res: MetricResult) -> None:
+    """Each evaluator's own results file (e.g. ``activations.json``), from the baseline row and every
+    measured row of this metric (experiments, and the super-weight ablation)."""
+    measured = res.measured + ablation_rows(res.super_weights)
+    for ev in view.measurer.evaluators:
+        if ev.results_file:
+            records.write_json(view.out_dir / ev.results_file, ev.results(view.measurer.baseline(), measured))
+            view.manifest.add_file(ev.results_file)
+
+
 def write_outputs(ctx: RunContext, views: dict[str, RunContext], run: RunResult) -> None:
     """Rank 0's remaining files: each metric's super-weight files, experiment results and plots,
     (several metrics) the agreement heatmap, then every report.md; then print the summary."""
@@ -74,6 +97,7 @@ def write_outputs(ctx: RunContext, views: dict[str, RunContext], run: RunResult)
             results_file = EXPERIMENTS[name].results_file
             records.write_json(view.out_dir / results_file, content)
             view.manifest.add_file(results_file)
+        write_evaluator_results(view, res)
         with manifest.phase("plots"):  # each results file's own figure (reporting.parts), with or without --save-plots
             figures = [f for f in parts.figures(view.out_dir) if f.name != PLOT_NAME]  # (written with its JSON)
         for figure in figures:

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from esa.errors import UsageError
+from esa.evaluators import activations
 from esa.evaluators.measure import Measurer
 from esa.experiment.registry import Condition, evaluation_key
+from esa.options import Options
 from esa.seeding import numpy_rng
 from esa.superweights.config import DEFAULT_MAX_SUPER_WEIGHTS, DEFAULT_PROMPT, DEFAULT_THRESHOLD, DETECT_WINDOWS
 from esa.superweights.detect import (
@@ -126,7 +128,10 @@ def run_super_weights(model: nn.Module, input_ids: torch.Tensor, measurer: Measu
 
     Returns the JSON-able ``super_weights.json`` dict; ``settings`` (prompt, model id, ...) is
     recorded as given, next to threshold, max_super_weights, batch_size and seed.  ``tokenizer``
-    (optional) decodes the spike tokens.  The model is bit-identical afterwards.
+    (optional) decodes the spike tokens.  One more forward of ``input_ids`` measures the residual
+    stream (:func:`esa.evaluators.activations.measure_once`, ``massive_activations``), so each
+    candidate says which massive activation its output channel carries (``feeds``).  The model is
+    bit-identical afterwards.
     """
     projs = find_mlp_output_projections(model)
     det = detect_super_weights(model, input_ids, threshold, max_super_weights, projs)
@@ -135,6 +140,10 @@ def run_super_weights(model: nn.Module, input_ids: torch.Tensor, measurer: Measu
     if tokenizer is not None:
         for r in rows:
             r["token"] = None if r["token_id"] is None else tokenizer.decode([r["token_id"]])
+    # which massive activation each candidate feeds: its row of the down projection is a residual channel
+    massive = activations.measure_once(model, input_ids, _activation_options(measurer))
+    for r in rows:
+        r["feeds"] = activations.feeds(massive, r["out_channel"])
     return {"tool": "find_super_weights",
             "settings": {**(settings or {}), "threshold": threshold, "max_super_weights": max_super_weights,
                          "batch_size": None if measurer is None else measurer.evaluators[0].inputs.batch_size,
@@ -142,8 +151,14 @@ def run_super_weights(model: nn.Module, input_ids: torch.Tensor, measurer: Measu
             "rule": SPIKE_RULE,
             "detection_input": {"sequences": int(input_ids.shape[0]), "tokens_per_sequence": int(input_ids.shape[1])},
             "projections": det["projections"], "passes": det["passes"], "stopped": det["stopped"],
-            "candidates": rows,
+            "candidates": rows, "massive_activations": massive,
             "ablation": None if measurer is None else ablate(measurer, cands, projs, seed)}
+
+
+def _activation_options(measurer: Measurer | None) -> Options | None:
+    """The run's massive-activation thresholds when it measures activations (else the defaults)."""
+    ev = next((e for e in (measurer.evaluators if measurer is not None else []) if e.name == activations.NAME), None)
+    return None if ev is None else ev.options
 
 
 def overlap_with_topk(candidates: Iterable[Candidate | Mapping], top_rows: Iterable[Sequence]) -> list[dict]:

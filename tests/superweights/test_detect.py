@@ -278,6 +278,19 @@ def test_ablation_planted_weight_hurts_random_control_does_not(tmp_path):
     assert plot_spikes(tmp_path, tmp_path / "again.png").stat().st_size > 1000  # from the file alone
 
 
+def test_each_candidate_says_which_massive_activation_it_feeds(tmp_path):
+    """The candidate's row is residual channel 9, massive from layer 2 on (the residual stream keeps it)."""
+    model = llama6()
+    plant_llama(model, layer=2, row=9, col=21, source=4, weight=2000.0)
+    res = swr.run_super_weights(model, skewed_windows(1, 12), None)
+    cand, = res["candidates"]
+    assert cand["feeds"]["channel"] == 9 and cand["feeds"]["layers"] == [2, 3, 4, 5] and cand["feeds"]["max"] > 1e4
+    assert res["massive_activations"]["massive"][0]["channel"] == 9
+    assert "ch 9: massive in layers 2–5" in format_table(res)
+    quiet = swr.run_super_weights(llama6(), skewed_windows(1, 12), None)
+    assert quiet["candidates"] == [] and quiet["massive_activations"]["n_massive"] == 0
+
+
 def test_random_control_is_disjoint_seeded_and_from_the_same_matrix():
     model = llama6()
     plant_llama(model, layer=2, row=9, col=21, source=4)
