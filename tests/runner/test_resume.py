@@ -83,15 +83,29 @@ def test_only_the_resume_flag_takes_the_recorded_configuration(tiny, tmp_path, c
 
 @pytest.mark.parametrize("change, needle", [
     (("--topk", "5"), "--topk: 4 in the run, 5 now"),
-    (("--metric", "act_mag"), "--metric: ('grad_x_weight',) in the run, ('act_mag',) now"),
+    (("--metric", "act_mag"), "--metric: grad_x_weight in the run, act_mag now"),
+    (("--seeds", "0,1"), "--seeds: 0,1,2 in the run, 0,1 now"),
 ])
 def test_resume_refuses_a_changed_command(tiny, tmp_path, capsys, change, needle):
+    """The message names each changed flag as the user types it (never a Python repr) and nothing
+    else: every other flag of the command is the run's own."""
     out = tmp_path / "run"
     killed(args(tiny, out), "condition:1")
     argv = args(tiny, out) + ["--resume", str(out)]
     argv[argv.index(change[0]) + 1] = change[1]
     assert esa_runner.main(argv) == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert needle in err and err.count(" in the run, ") == 1, err
+
+
+def test_resume_compares_only_the_flags_typed(tiny, tmp_path, capsys):
+    """``--resume DIR --topk 50``: one difference, --topk; the defaults of flags not typed (--device,
+    --seeds, ...) are no difference even though the run typed other values."""
+    out = tmp_path / "run"
+    killed(args(tiny, out), "condition:1")
+    assert esa_runner.main(["--resume", str(out), "--topk", "50"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.count(" in the run, ") == 1 and "--topk: 4 in the run, 50 now" in err, err
 
 
 def test_resume_refuses_a_changed_model_or_data_file(tiny, tmp_path, capsys):
