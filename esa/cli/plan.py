@@ -87,6 +87,16 @@ def quantize_plan(cfg: RunConfig) -> str:
             + (f" x {len(cfg.scoring.metrics)} metrics" if cfg.multi else "") + ") + the unquantized baseline)")
 
 
+def _perturb_row(cfg: RunConfig) -> str | None:
+    """The perturbation, "none (scores and Top-K only)", or None (no row) when another experiment
+    (--quantize) measures the run's conditions: it has its own row."""
+    o = cfg.experiment.options
+    if not o.perturb:
+        return None if cfg.experiment.enabled() else "none (scores and Top-K only)"
+    bit = f" bit={o.bit_index if o.bit_index is not None else 'MSB of exponent'}" if o.perturb == "bit_flip" else ""
+    return f"{o.perturb} scale={o.perturb_scale} prob={o.perturb_prob}{bit}"
+
+
 def runner_plan(cfg: RunConfig) -> str:
     """The plan as text.  Machine-dependent facts (CUDA missing) are reported, not raised: the
     configuration is valid, this machine just could not run it."""
@@ -95,10 +105,7 @@ def runner_plan(cfg: RunConfig) -> str:
     out_dir = Path(out.out_dir) if out.out_dir else default_run_dir(cfg)
     model = m.model + (" (embedded SmolLM2-135M-Instruct)" if m.model == EMBEDDED_MODEL else "")
     conditions = ["top_k", *o.controls] if o.perturb else []
-    perturb = "none (scores and Top-K only)" if not o.perturb else (
-        f"{o.perturb} scale={o.perturb_scale} prob={o.perturb_prob}"
-        + (f" bit={o.bit_index if o.bit_index is not None else 'MSB of exponent'}" if o.perturb == "bit_flip"
-           else ""))
+    perturb = _perturb_row(cfg)
     rows = [
         ("model", model),
         ("device", f"{choice.device}   dtype: {choice.dtype}" + _scale_out(cfg)),
@@ -106,7 +113,7 @@ def runner_plan(cfg: RunConfig) -> str:
         ("metric" if not cfg.multi else "metrics", f"{', '.join(s.metrics)}   mode: {s.mode}   k: {s.topk}"),
         ("seeds", f"{', '.join(map(str, s.seeds))} (primary {s.seeds[0]})"
          + ("; stability check" if s.stability_check else "")),
-        ("perturb", perturb),
+        *([("perturb", perturb)] if perturb else []),
         ("conditions", (', '.join(conditions) if conditions else 'see quantize' if o.quantize else '-')
          + (f"; dose-response over k = {', '.join(map(str, o.topk_sweep))}" if o.topk_sweep else "")),
         *([("quantize", quantize_plan(cfg))] if o.quantize else []),

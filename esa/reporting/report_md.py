@@ -60,14 +60,23 @@ def _question(cfg: dict, pert: dict | None) -> str:
 def _configuration(cfg: dict, pert: dict | None, manifest: dict | None) -> str:
     c, r, d = cfg["config"], cfg["resolved"], cfg["data"]
     seeds = ", ".join(map(str, r.get("seeds_run") or c["seeds"]))
-    perturb = (f"{c['perturb']} (scale {c['perturb_scale']}, prob {c['perturb_prob']})" if c.get("perturb")
-               else f"none (quantization: {c['quantize']} {c['bits']}-bit)" if c.get("quantize") else "none")
     status = f"; run {manifest['status']} in {manifest.get('wall_time_s', 0):.0f} s" if manifest else ""
     return (f"**Configuration.** {count_text(cfg['targets']['weights'])} weights in {cfg['targets']['count']} "
             f"target tensors; {c['mode']} Top-K; data {d['data_source']}: {c['max_samples']} calibration windows "
             f"per seed, {d['eval_windows']} evaluation windows of {d['window_tokens']} tokens; seeds {seeds} "
-            f"(primary {seeds.split(',')[0]}); perturbation {perturb}; {r['device']} {r['dtype']}{status}."
+            f"(primary {seeds.split(',')[0]}); {_change(c)}; {r['device']} {r['dtype']}{status}."
             + _caveats(c))
+
+
+def _change(c: dict) -> str:
+    """What the run does to the model: its perturbation, its quantization, or nothing."""
+    if c.get("perturb"):
+        return f"perturbation {c['perturb']} (scale {c['perturb_scale']}, prob {c['perturb_prob']})"
+    if c.get("quantize"):
+        return (f"quantization {c['quantize'].upper()} {c['bits']}-bit, block sizes "
+                f"{', '.join(map(str, c['block_sizes']))}" + (f", clipped at {c['clip_z']:g} std" if c.get("clip_z")
+                                                               else ""))
+    return "no perturbation (scores and Top-K only)"
 
 
 def _caveats(c: dict) -> str:

@@ -120,9 +120,9 @@ def console_summary(config: dict, pert: dict | None, stab: dict | None, top_rows
     top_weights.csv (rank, parameter, index, coords, score, seed).
     """
     c = config
+    change = f"quantize={c['quantize']} {c['bits']}-bit" if c.get("quantize") else f"perturb={c['perturb'] or 'none'}"
     lines = [f"ESA summary  model={c['model']}  metric={c['metric']}  mode={c['mode']}  k={c['topk']}  "
-             f"seeds={','.join(map(str, c['seeds']))}  perturb={c['perturb'] or 'none'}"
-             + (f"  quantize={c['quantize']} {c['bits']}-bit" if c.get("quantize") else "")]
+             f"seeds={','.join(map(str, c['seeds']))}  {change}"]
     if coverage:
         lines.append(f"scored {coverage['scored_weights']:,} of the model's {coverage['matrix_weights']:,} matrix "
                      f"weights ({100 * coverage['scored_share_of_matrix_weights']:.1f} %); not scored: "

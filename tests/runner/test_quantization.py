@@ -62,12 +62,15 @@ def test_dry_run_shows_conditions_block_sizes_seeds_and_evaluations(tiny, tmp_pa
     assert ("rtn 4-bit; conditions none, protect_topk, protect_random_k, protect_super_weights x block sizes "
             "channel, 64, tensor x seeds 0, 1: at most 19 perplexity evaluations") in out
     assert "quantization_results.json" in out and not (tmp_path / "o").exists()
+    assert "scores and Top-K only" not in out and "perturb:" not in out  # a quantization run perturbs nothing
 
 
-def test_run_writes_every_condition_and_the_statistics(tiny, tmp_path):
+def test_run_writes_every_condition_and_the_statistics(tiny, tmp_path, capsys):
     out = tmp_path / "q"
     assert esa_runner.main(args(tiny, out) + ["--quantize", "rtn", "--bits", "3", "--block-size", "channel,64,tensor",
                                               "--detect-super-weights"]) == 0
+    summary = capsys.readouterr().out
+    assert "quantize=rtn 3-bit" in summary and "perturb=" not in summary and "scores and Top-K only" not in summary
     res = json.loads((out / "quantization_results.json").read_text())
     assert res["block_sizes"] == ["channel", "64", "tensor"] and res["seeds"] == [0, 1]
     config = json.loads((out / "config.json").read_text())
@@ -88,6 +91,7 @@ def test_run_writes_every_condition_and_the_statistics(tiny, tmp_path):
     assert (out / "quantization.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
     assert "| channel |" in report and "quantization.png" in report
+    assert "quantization RTN 3-bit, block sizes channel, 64, tensor" in report and "perturbation none" not in report
 
 
 def test_every_condition_leaves_the_model_bit_exact(tiny, tmp_path):
