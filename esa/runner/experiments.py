@@ -33,7 +33,8 @@ def measure_experiments(view: RunContext, selections: list[SeedSelections]) -> d
                 for group, cond in exp.conditions(sel):
                     row = view.measurer.measure(cond)
                     rows.setdefault(sel.seed, {}).setdefault(group, {})[cond.name] = row
-                    log.info("%s: perplexity %s (ratio %.4g)", cond.label, row.get("ppl"), row.get("ratio", math.nan))
+                    log.info("%s: perplexity %.6g (ratio %.6g)", cond.label, row.get("ppl", math.nan),
+                             row.get("ratio", math.nan))
         out[exp.name] = exp.results(rows, base)
     return out
 

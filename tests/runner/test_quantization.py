@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -69,8 +70,13 @@ def test_run_writes_every_condition_and_the_statistics(tiny, tmp_path, capsys):
     out = tmp_path / "q"
     assert esa_runner.main(args(tiny, out) + ["--quantize", "rtn", "--bits", "3", "--block-size", "channel,64,tensor",
                                               "--detect-super-weights"]) == 0
-    summary = capsys.readouterr().out
+    printed = capsys.readouterr()
+    summary = printed.out
     assert "quantize=rtn 3-bit" in summary and "perturb=" not in summary and "scores and Top-K only" not in summary
+    logged = [re.findall(r"\d+\.\d+", ln.split(" INFO ")[-1]) for ln in printed.err.splitlines() if "perplexity" in ln]
+    assert sum(map(bool, logged)) > 10
+    for numbers in logged:  # a log line quotes perplexities and ratios to 6 significant digits, not 16
+        assert all(len(n.replace(".", "").lstrip("0")) <= 6 for n in numbers), numbers
     res = json.loads((out / "quantization_results.json").read_text())
     assert res["block_sizes"] == ["channel", "64", "tensor"] and res["seeds"] == [0, 1]
     config = json.loads((out / "config.json").read_text())
