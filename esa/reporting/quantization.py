@@ -19,8 +19,10 @@ COLORS = {"none": "black", "protect_topk": COND_COLORS["top_k"], "protect_random
 
 
 def _cell(res: dict, block: str, cond: str) -> str:
+    """The ratio's mean ± std over seeds; a condition evaluated once (the same change on every seed)
+    has no spread to show, so its one value alone."""
     s = (res.get("summary") or {}).get(block, {}).get(cond, {}).get("ratio")
-    if s:
+    if s and cond not in res.get("evaluated_once", ()):
         return ratio_text(s["mean"]) + ("" if s.get("std") is None else f" ± {sci(s['std'])}")
     first = next(iter(res["per_seed"].values()))[block][cond]
     return ratio_text(first["ratio"])
@@ -52,7 +54,13 @@ def caption(res: dict) -> str:
             + (f", clipped at {q['clip_z']:g} std" if q.get("clip_z") else "")
             + f"; perplexity ÷ unquantized baseline {sci(res['baseline']['ppl'], 4)} on {res['eval_windows']} "
             f"evaluation windows; Top-K = {res['k']} by {res['metric']} ({res['mode']}); "
-            + (f"mean ± sample std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"))
+            + (f"mean ± sample std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}")
+            + _once(res))
+
+
+def _once(res: dict) -> str:
+    once = res.get("evaluated_once") or []
+    return f"; evaluated once, the same change on every seed, so no ±: {', '.join(once)}" if once else ""
 
 
 def markdown_section(out_dir: Path) -> list[str]:

@@ -94,10 +94,16 @@ def test_run_writes_every_condition_and_the_statistics(tiny, tmp_path, capsys):
             assert rows["protect_topk"]["mse_unprotected"] < rows["none"]["mse_unprotected"]
         assert res["per_seed"][seed]["channel"]["none"] == res["per_seed"]["0"]["channel"]["none"]  # seed-free
     assert "protect_topk_vs_protect_random_k" in res["tests"]["channel"]
+    assert res["evaluated_once"][:2] == ["none", "protect_super_weights"]  # seed-free: measured once
     assert (out / "quantization.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
     assert "| channel |" in report and "quantization.png" in report
     assert "quantization RTN 3-bit, block sizes channel, 64, tensor" in report and "perturbation none" not in report
+    head, *rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in report.splitlines() if ln.startswith("| ")][:4]
+    for row in rows[1:]:  # one evaluation has no spread: no ± at all; the per-seed conditions keep theirs
+        cells = dict(zip(head, row))
+        assert "±" not in cells["none"] + cells["protect_super_weights"] and "±" in cells["protect_random_k"], row
+    assert "evaluated once" in report
 
 
 def test_every_condition_leaves_the_model_bit_exact(tiny, tmp_path):
