@@ -61,6 +61,13 @@ def test_question_configuration_and_summary_table(out_dir):
     assert "| 100 (main) |" in text  # the sweep table marks the main k
 
 
+def test_the_report_says_once_which_p_value_to_read(out_dir):
+    """p (ΔPPL) and p (log ratio) can disagree (heavy-tailed ΔPPL): the report says which one answers
+    the question, and why, in one place."""
+    text = (out_dir / "report.md").read_text()
+    assert text.count("Which p to read: p (log ratio)") == 1 and "heavy-tailed" in text
+
+
 def test_file_list_covers_the_out_dir(out_dir):
     text = (out_dir / "report.md").read_text()
     files = text.split("## Files", 1)[1]
