@@ -8,6 +8,7 @@ metric's own folder ``metrics/<name>/`` (a complete single-metric out-dir: its
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from esa.outdir.layout import METRICS_DIR
 from esa.outdir.readers import read_json
@@ -76,10 +77,20 @@ def quantization_matrix(out_dir: Path, config: dict) -> summary.Table | None:
     return ["metric", *blocks], rows
 
 
+UNION_SPEARMAN = "Spearman on the union of the Top-Ks"
+READING = ("Spearman on the union of the Top-Ks: the rank correlation of the two metrics' scores over every weight "
+           "in either Top-K. Each Top-K is chosen by its own metric, so when the two barely overlap (Jaccard near "
+           "0) the union holds each metric's top weights, which the other metric scores low, and the value is "
+           "negative: a negative value means the metrics disagree about which weights are extreme, not that their "
+           "scores are anti-correlated over all weights. It is not what `scripts/compute_overlap.py` reports "
+           "(Spearman on the shared weights: the correlation over the weights both Top-Ks hold).")
+
+
 def agreement_table(agreement: dict) -> summary.Table:
     rows = [[f"`{p['a']}` vs `{p['b']}`", f"{p['jaccard_mean']:.3f}",
-             "–" if p["spearman_mean"] is None else f"{p['spearman_mean']:+.3f}"] for p in agreement["pairs"]]
-    return ["pair", "Jaccard of Top-Ks", "Spearman on their union"], rows
+             "–" if p["spearman_on_union_mean"] is None else f"{p['spearman_on_union_mean']:+.3f}"]
+            for p in agreement["pairs"]]
+    return ["pair", "Jaccard of Top-Ks", UNION_SPEARMAN], rows
 
 
 def super_weight_ranks(out_dir: Path, config: dict) -> summary.Table | None:
@@ -107,7 +118,7 @@ def agreement_heatmap(out_dir: Path) -> Path | None:
     names = ag["metrics"]
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(names), 2.5 + 0.55 * len(names)))
     for ax, key, title, lo in ((axes[0], "jaccard_matrix", "Jaccard of the Top-K sets", 0.0),
-                               (axes[1], "spearman_matrix", "Spearman on the union of the Top-Ks", -1.0)):
+                               (axes[1], "spearman_on_union_matrix", UNION_SPEARMAN, -1.0)):
         m = [[float("nan") if v is None else v for v in row] for row in ag[key]]
         im = ax.imshow(m, vmin=lo, vmax=1.0, cmap="viridis")
         for i, row in enumerate(m):
@@ -122,24 +133,35 @@ def agreement_heatmap(out_dir: Path) -> Path | None:
     return save(fig, out_dir / HEATMAP)
 
 
-def sections(out_dir: Path, config: dict, agreement: dict | None) -> list[tuple[str, str, summary.Table]]:
-    """(heading, caption, table) of each part the out-dir has data for."""
+class Section(NamedTuple):
+    """One part of the combined report: a heading, the table's caption, the table and what to know to
+    read it (``note``, printed after the table)."""
+
+    heading: str
+    caption: str
+    table: summary.Table
+    note: str = ""
+
+
+def sections(out_dir: Path, config: dict, agreement: dict | None) -> list[Section]:
+    """Each part the out-dir has data for."""
     out = []
     table = condition_matrix(out_dir, config)
     if table is not None:
-        out.append(("Metric × condition → perplexity ratio",
-                    "perturbed ÷ baseline perplexity, mean ± sample std over seeds (a single seed: its ratio)", table))
+        out.append(Section("Metric × condition → perplexity ratio",
+                           "perturbed ÷ baseline perplexity, mean ± sample std over seeds (a single seed: its ratio)",
+                           table))
     quant = quantization_matrix(out_dir, config)
     if quant is not None:
-        out.append(("Metric × block size → quantized perplexity ratio",
-                    "perplexity ÷ unquantized with each metric's Top-K kept in full precision (with as many random "
-                    "weights kept instead), mean over seeds", quant))
+        out.append(Section("Metric × block size → quantized perplexity ratio",
+                           "perplexity ÷ unquantized with each metric's Top-K kept in full precision (with as many "
+                           "random weights kept instead), mean over seeds", quant))
     if agreement is not None:
-        out.append(("Agreement between metrics", "mean over seeds", agreement_table(agreement)))
+        out.append(Section("Agreement between metrics", "mean over seeds", agreement_table(agreement), READING))
     ranks = super_weight_ranks(out_dir, config)
     if ranks is not None:
-        out.append(("Super-weight candidates in each metric's Top-K",
-                    "rank of each detector candidate in the metric's Top-K, per seed; - = not in it", ranks))
+        out.append(Section("Super-weight candidates in each metric's Top-K",
+                           "rank of each detector candidate in the metric's Top-K, per seed; - = not in it", ranks))
     return out
 
 
@@ -159,8 +181,9 @@ def build_report(out_dir: Path) -> str:
              f"**Configuration.** All metrics scored in one pass per seed on the same calibration windows "
              f"(seeds {', '.join(map(str, c['seeds']))}); every metric has its own folder `metrics/<name>/` with "
              f"the files and report of a single-metric run.{status}"]
-    for heading, caption, table in sections(out_dir, cfg, ag):
-        lines += ["", f"## {heading}", "", caption[0].upper() + caption[1:] + ":", "", *summary.markdown(table)]
+    for s in sections(out_dir, cfg, ag):
+        lines += ["", f"## {s.heading}", "", s.caption[0].upper() + s.caption[1:] + ":", "", *summary.markdown(s.table)]
+        lines += ["", s.note] if s.note else []
     if (out_dir / HEATMAP).is_file():
         lines += ["", f"![metric agreement]({HEATMAP})"]
     lines += ["", "## Per-metric reports", ""]
@@ -168,8 +191,8 @@ def build_report(out_dir: Path) -> str:
     lines += ["", "## Files", "", "| file | content |", "|---|---|",
               "| `config.json` | the run's configuration (all metrics) |",
               "| `experiment_manifest.json` | status, timings per phase, peak memory, every file |",
-              "| `metric_agreement.json` | per pair of metrics and seed: Jaccard of the Top-Ks, Spearman on their "
-              "union |", f"| `{HEATMAP}` | the agreement matrices (PNG) |",
+              "| `metric_agreement.json` | per pair of metrics and seed: Jaccard of the Top-Ks, Spearman on the union "
+              "of the Top-Ks |", f"| `{HEATMAP}` | the agreement matrices (PNG) |",
               f"| `{METRICS_DIR}/<name>/` | each metric's single-metric out-dir |", "| `report.md` | this report |"]
     return "\n".join(lines) + "\n"
 
@@ -179,6 +202,6 @@ def console_summary(out_dir: Path) -> str:
     c = cfg["config"]
     lines = [f"ESA summary  model={c['model']}  metrics={','.join(c['metrics'])}  mode={c['mode']}  "
              f"k={c['topk']}  seeds={','.join(map(str, c['seeds']))}  perturb={c['perturb'] or 'none'}"]
-    for heading, caption, table in sections(out_dir, cfg, read_json(out_dir, "metric_agreement.json")):
-        lines += [f"{heading} ({caption}):", *summary.text(table)]
+    for s in sections(out_dir, cfg, read_json(out_dir, "metric_agreement.json")):
+        lines += [f"{s.heading} ({s.caption}):", *summary.text(s.table), *([s.note] if s.note else [])]
     return "\n".join(lines)

@@ -33,7 +33,9 @@ def test_overlap_jaccard_and_spearman(tmp_path):
     assert (pair["size_a"], pair["size_b"], pair["overlap"]) == (4, 4, 3)
     assert pair["jaccard"] == pytest.approx(3 / 5)
     ref = stats.spearmanr([9.0, 8.0, 7.0], [0.8, 0.1, 0.9])  # shared keys in sorted order: w1, w2, w3
-    assert pair["spearman"] == pytest.approx(ref.statistic)
+    # named for what it computes: the correlation over the shared weights, not the union's (metric_agreement.json)
+    assert pair["spearman_on_shared"] == pytest.approx(ref.statistic) and "spearman" not in pair
+    assert "spearman_on_shared" in out.stdout and "union" in out.stdout
     assert (pair["seed_a"], pair["seed_b"]) == (0, 2)
 
 

@@ -66,9 +66,13 @@ def test_agreement_json_and_heatmap(multi):
             assert row["jaccard"] == pytest.approx(len(a & b) / len(a | b))
             assert row["union"] == len(a | b)
     assert ag["jaccard_matrix"][0][0] == 1.0
+    # the Spearman is named for what it ranks (the union of the Top-Ks), and a negative value is explained
+    assert all("spearman_on_union" in row for p in ag["pairs"] for row in p["per_seed"].values())
+    assert "spearman_matrix" not in ag and "negative_spearman_on_union" in ag["definition"]
     assert (multi / "metric_agreement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (multi / "report.md").read_text()
     assert "## Metric × condition → perplexity ratio" in report and "metric_agreement.png" in report
+    assert "Spearman on the union of the Top-Ks" in report and "a negative value means" in report
     for m in METRICS:
         assert f"| `{m}` |" in report and f"metrics/{m}/report.md" in report
     manifest = json.loads((multi / "experiment_manifest.json").read_text())
