@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from esa.outdir.layout import METRICS_DIR
-from esa.outdir.readers import read_json
+from esa.outdir.readers import read_json, read_top_rows
 from esa.reporting import summary
 from esa.reporting.format import ratio_text, sci
 from esa.reporting.plotkit import plt, save
@@ -86,11 +86,29 @@ READING = ("Spearman on the union of the Top-Ks: the rank correlation of the two
            "(Spearman on the shared weights: the correlation over the weights both Top-Ks hold).")
 
 
+def _union(record: dict, key: str):
+    """``spearman_on_union<key>`` of an agreement record (``spearman<key>`` in out-dirs written before
+    it was named for what it ranks, which esa.report still reads)."""
+    return record.get(f"spearman_on_union{key}", record.get(f"spearman{key}"))
+
+
 def agreement_table(agreement: dict) -> summary.Table:
     rows = [[f"`{p['a']}` vs `{p['b']}`", f"{p['jaccard_mean']:.3f}",
-             "–" if p["spearman_on_union_mean"] is None else f"{p['spearman_on_union_mean']:+.3f}"]
-            for p in agreement["pairs"]]
+             "–" if _union(p, "_mean") is None else f"{_union(p, '_mean'):+.3f}"] for p in agreement["pairs"]]
     return ["pair", "Jaccard of Top-Ks", UNION_SPEARMAN], rows
+
+
+TOP_SHOWN = 5  # weights per metric in the combined report and summary (all of them: each top_weights.csv)
+
+
+def top_weights(out_dir: Path, config: dict) -> summary.Table | None:
+    """The primary seed's highest-scoring weights of each metric (rank, parameter, coordinates, score)."""
+    rows = []
+    for m, folder in metric_dirs(out_dir, config).items():
+        top = read_top_rows(folder)
+        primary = [r for r in top if r["seed"] == top[0]["seed"]][:TOP_SHOWN] if top else []
+        rows += [[f"`{m}`", r["rank"], f"`{r['parameter']}`", f"({r['coords']})", r["score"]] for r in primary]
+    return (["metric", "rank", "parameter", "coords", "score"], rows) if rows else None
 
 
 def super_weight_ranks(out_dir: Path, config: dict) -> summary.Table | None:
@@ -117,9 +135,9 @@ def agreement_heatmap(out_dir: Path) -> Path | None:
         return None
     names = ag["metrics"]
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(names), 2.5 + 0.55 * len(names)))
-    for ax, key, title, lo in ((axes[0], "jaccard_matrix", "Jaccard of the Top-K sets", 0.0),
-                               (axes[1], "spearman_on_union_matrix", UNION_SPEARMAN, -1.0)):
-        m = [[float("nan") if v is None else v for v in row] for row in ag[key]]
+    for ax, matrix, title, lo in ((axes[0], ag["jaccard_matrix"], "Jaccard of the Top-K sets", 0.0),
+                                  (axes[1], _union(ag, "_matrix"), UNION_SPEARMAN, -1.0)):
+        m = [[float("nan") if v is None else v for v in row] for row in matrix]
         im = ax.imshow(m, vmin=lo, vmax=1.0, cmap="viridis")
         for i, row in enumerate(m):
             for j, v in enumerate(row):
@@ -146,10 +164,15 @@ class Section(NamedTuple):
 def sections(out_dir: Path, config: dict, agreement: dict | None) -> list[Section]:
     """Each part the out-dir has data for."""
     out = []
+    top = top_weights(out_dir, config)
+    if top is not None:
+        out.append(Section("Top weights of each metric",
+                           f"the primary seed's {TOP_SHOWN} highest-scoring weights of each metric; every seed's "
+                           f"Top-K is in {METRICS_DIR}/<name>/top_weights.csv", top))
     table = condition_matrix(out_dir, config)
     if table is not None:
         out.append(Section("Metric × condition → perplexity ratio",
-                           "perturbed ÷ baseline perplexity, mean ± sample std over seeds (a single seed: its ratio)",
+                           "perturbed ÷ baseline perplexity, mean ± sample std over seeds; a single seed: its ratio",
                            table))
     quant = quantization_matrix(out_dir, config)
     if quant is not None:
