@@ -30,7 +30,7 @@ FILE_NOTES = {
     "stability_summary.json": "Jaccard overlap of the Top-K across seeds",
     "quantization_results.json": "per seed, block size and condition: perplexity, ratio to the unquantized model, "
                                  "weights protected, mean squared error of the unprotected weights; statistics",
-    "quantization.png": "perplexity vs block size, one line per condition (PNG)",
+    "quantization.png": "per block size, each protection's perplexity change against plain RTN (PNG)",
     "report.md": "this report",
     "super_weights.json": "super-weight candidates (data-free detector), every search pass, ablation, Top-K overlap",
     "super_weights.txt": "the super-weight table as printed",
