@@ -34,7 +34,8 @@ FILE_NOTES = {
     "report.md": "this report",
     "super_weights.json": "super-weight candidates (data-free detector), every search pass, ablation, Top-K overlap",
     "super_weights.txt": "the super-weight table as printed",
-    "super_weights.png": "max |down-projection input| and |output| per layer, spikes marked (PNG)",
+    "super_weights.png": "max |down-projection input| and |output| per layer; each candidate numbered as in the "
+                         "table, each other spike with why it is not one (PNG)",
 }
 
 

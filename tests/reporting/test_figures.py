@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from matplotlib.text import Annotation, Text
 
 from esa.outdir.atomic import write_json
-from esa.reporting import quantization
+from esa.reporting import quantization, superweights
 
 
 @pytest.fixture
@@ -23,6 +24,7 @@ def drawn(monkeypatch):
         return dest
 
     monkeypatch.setattr(quantization, "save", keep)
+    monkeypatch.setattr(superweights, "save", keep)
     return figures
 
 
@@ -76,3 +78,47 @@ def test_quantization_figure_survives_an_infinite_perplexity(tmp_path, drawn):
     res["per_seed"]["1"]["tensor"]["protect_random_k"] = _row(math.inf, 20.0)
     write_json(tmp_path / quantization.RESULTS, res)
     assert quantization.plot(tmp_path) is not None and len(drawn) == 1
+
+
+def _layer(i: int, out_max: float, spike: bool) -> dict:
+    return {"module": f"model.layers.{i}.mlp.down_proj", "layer": i, "in_max": out_max / 10, "in_channel": 3,
+            "out_max": out_max, "out_channel": 507 if spike else 11, "out_ratio": out_max / 20.0, "called": True,
+            "spike": spike}
+
+
+def _candidate(layer: int, col: int, out: float) -> dict:
+    return {"layer": layer, "module": f"model.layers.{layer}.mlp.down_proj",
+            "param": f"model.layers.{layer}.mlp.down_proj.weight", "row": 507, "col": col, "weight": 5.0,
+            "output_activation": out, "output_ratio": out / 20.0, "expert": None}
+
+
+def spike_search() -> dict:
+    """30 layers; pass 0 spikes at L28 (9e3) and L29 (7e3, a consequence of L28: gone once #1 is
+    zeroed); two candidates in L28 (columns 678 and 91), found in passes 0 and 1."""
+    def layers(spikes: dict[int, float]) -> list[dict]:
+        return [_layer(i, spikes.get(i, 20.0 + i), i in spikes) for i in range(30)]
+    zeroed = [["model.layers.28.mlp.down_proj.weight", 1], ["model.layers.28.mlp.down_proj.weight", 2]]
+    passes = [{"zeroed": [], "median_out_max": 20.0, "layers": layers({28: 9e3, 29: 7e3})},
+              {"zeroed": zeroed[:1], "median_out_max": 20.0, "layers": layers({28: 4e3})},
+              {"zeroed": zeroed, "median_out_max": 20.0, "layers": layers({})}]
+    return {"settings": {"threshold": 50.0}, "passes": passes, "stopped": "no new spike",
+            "candidates": [_candidate(28, 678, 9e3), _candidate(28, 91, 4e3)]}
+
+
+def test_super_weight_figure_marks_each_candidate_and_says_why_a_spike_is_not_one(tmp_path, drawn):
+    res = spike_search()
+    superweights.plot_spikes(res, tmp_path / "super_weights.png")
+    (fig,) = drawn
+    ax = fig.axes[0]
+    stars = [c for c in ax.collections if len(c.get_offsets()) == len(res["candidates"])
+             and "candidate" in (c.get_label() or "")]
+    assert len(stars) == 1 and len({tuple(p) for p in stars[0].get_offsets()}) == 2  # one marker each, apart
+    labels = [t for t in ax.texts if isinstance(t, Annotation)]
+    assert sorted(t.get_text() for t in labels) == ["#1", "#2", "L29"]  # candidates by number; the other spike
+    boxes = [Text.get_window_extent(t) for t in labels]  # the text itself, not its line to the point
+    for i, a in enumerate(boxes):  # L28's two candidates and L29's spike sit close: no label covers another
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    notes = "\n".join(t.get_text() for t in ax.texts)
+    assert "L29 ch 507: spike, not a candidate: gone once #1 was zeroed" in notes
+    assert "#2: L28 [507, 91]" in notes

@@ -262,7 +262,8 @@ def test_ablation_planted_weight_hurts_random_control_does_not(tmp_path):
     assert 0.9 < abl["random"]["ratio"] < 1.1
     (name, flat), = abl["random"]["weights"]
     assert name == "model.layers.2.mlp.down_proj.weight" and flat != 9 * 32 + 21
-    again = swr.ablate(model, [sw.Candidate.from_dict(c) for c in res["candidates"]], windows, 4, seed=0)
+    again = swr.ablate(Measurer.perplexity(model, windows, 4), [sw.Candidate.from_dict(c) for c in res["candidates"]],
+                       sw.find_mlp_output_projections(model), seed=0)
     assert again["random"]["weights"] == abl["random"]["weights"]  # the control is seeded
     assert again["random"]["ppl"] == abl["random"]["ppl"]
     assert_bit_identical(model, before)
