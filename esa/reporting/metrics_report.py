@@ -13,7 +13,7 @@ from typing import NamedTuple
 from esa.outdir.layout import METRICS_DIR
 from esa.outdir.readers import read_json, read_top_rows
 from esa.reporting import summary
-from esa.reporting.format import ratio_text, sci
+from esa.reporting.format import ratio_text, run_text, sci
 from esa.reporting.plotkit import plt, save
 
 HEATMAP = "metric_agreement.png"
@@ -195,8 +195,7 @@ def build_report(out_dir: Path) -> str:
     manifest = read_json(out_dir, "experiment_manifest.json")
     c = cfg["config"]
     metrics = c["metrics"]
-    status = (f" The run ended with status {manifest['status']} after {manifest.get('wall_time_s', 0):.0f} s."
-              if manifest else "")
+    status = f" Whole run: {run_text(manifest)}." if manifest else ""
     lines = [f"# ESA report: `{c['model']}`, {len(metrics)} metrics, {c['mode']}, k = {c['topk']}", "",
              f"**Question.** Do {', '.join(f'`{m}`' for m in metrics)} pick the same weights of `{c['model']}`"
              + (f", and does {c['perturb']} of each metric's Top-K hurt perplexity more than its controls "

@@ -16,7 +16,7 @@ from esa.outdir.atomic import atomic_write_text
 from esa.outdir.layout import CHECKPOINT_DIR
 from esa.outdir.readers import read_json
 from esa.reporting import metrics_report, parts, quantization, summary
-from esa.reporting.format import count_text, num, ratio_text, sci, verb
+from esa.reporting.format import count_text, num, ratio_text, run_text, sci, verb
 from esa.reporting.plots import PLOTS
 
 FILE_NOTES = {
@@ -61,7 +61,7 @@ def _question(cfg: dict, pert: dict | None) -> str:
 def _configuration(cfg: dict, pert: dict | None, manifest: dict | None) -> str:
     c, r, d = cfg["config"], cfg["resolved"], cfg["data"]
     seeds = ", ".join(map(str, r.get("seeds_run") or c["seeds"]))
-    status = f"; run {manifest['status']} in {manifest.get('wall_time_s', 0):.0f} s" if manifest else ""
+    status = f"; run: {run_text(manifest)}" if manifest else ""
     return (f"**Configuration.** {count_text(cfg['targets']['weights'])} weights in {cfg['targets']['count']} "
             f"target tensors; {c['mode']} Top-K; data {d['data_source']}: {c['max_samples']} calibration windows "
             f"per seed, {d['eval_windows']} evaluation windows of {d['window_tokens']} tokens; seeds {seeds} "

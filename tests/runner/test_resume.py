@@ -13,7 +13,7 @@ import torch
 
 import esa_runner
 from esa.outdir.compare import compare
-from esa.outdir.layout import PLOT_FILES, RUN_FILES
+from esa.outdir.layout import PLOT_FILES, RUN_FILES, describe_run
 from tests.realmodels import CORPUS, REPO, tiny_model_dir
 
 
@@ -49,18 +49,26 @@ def journal_lines(out) -> int:
 
 
 @pytest.mark.parametrize("point", ["scoring:1", "condition:5", "report"])
-def test_a_killed_run_resumes_to_the_same_files(tiny, uninterrupted, tmp_path, point):
+def test_a_killed_run_resumes_to_the_same_files(tiny, uninterrupted, tmp_path, point, capsys):
     out = tmp_path / "run"
     killed(args(tiny, out), point)
     manifest = json.loads((out / "experiment_manifest.json").read_text())
     assert manifest["status"] == "running"  # SIGKILL: nothing could record the end
+    assert "status killed" in describe_run(out)  # ... but its process is gone: a reader says killed
     before = journal_lines(out)
     assert esa_runner.main(args(tiny, out) + ["--resume", str(out)]) == 0
+    assert f"resuming {out}: the run was killed" in capsys.readouterr().err
     diff = {n: v for n, v in compare(out, uninterrupted).items() if v != "identical"}
     assert diff == {}, diff  # top_weights.csv, perturbation_results.json, stability_summary.json, report.md ...
     manifest = json.loads((out / "experiment_manifest.json").read_text())
     assert manifest["status"] == "success" and len(manifest["resumes"]) == 1
     done = manifest["resumes"][0]
+    assert done["previous_status"] == "killed" and done["previous_session_s"] > 0
+    assert manifest["total_wall_time_s"] == pytest.approx(done["previous_session_s"] + manifest["wall_time_s"])
+    # the report names the resume and the total time, not only the resumed part's
+    total, first = round(manifest["total_wall_time_s"]), round(done["previous_session_s"])
+    assert (f"run: success after {total} s over 2 sessions (started {manifest['started_at']}, killed after {first} s; "
+            f"resumed {done['at']}, success after") in (out / "report.md").read_text()
     if point == "scoring:1":  # seed 0 was checkpointed, seed 1 was being scored
         assert done["seeds_done"] == [0] and done["evaluations_done"] == 0
     if point == "condition:5":
