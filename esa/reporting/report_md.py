@@ -112,13 +112,17 @@ def file_list(out_dir: Path, manifest: dict | None) -> list[str]:
     return out
 
 
-def super_weights_section(sw: dict | None) -> list[str]:
-    """Candidates with their ablation ratio and rank in each seed's Top-K (``--detect-super-weights``)."""
+def super_weights_section(out_dir: Path) -> list[str]:
+    """Candidates with their ablation ratio and rank in each seed's Top-K, and the spike plot
+    (``--detect-super-weights``)."""
+    sw = read_json(out_dir, "super_weights.json")
     if sw is None:
         return []
     cands = sw.get("candidates") or []
     lines = ["", "## Super weights", "", f"Data-free detector (threshold {sw['settings']['threshold']:g}x the median "
              f"max |down-projection output|): {count_text(len(cands))} candidate(s); search stopped: {sw['stopped']}."]
+    if (out_dir / "super_weights.png").is_file():
+        lines += ["", "![super weights](super_weights.png)"]
     if not cands:
         return lines
     abl = sw.get("ablation") or {}
@@ -160,7 +164,7 @@ def build_report(out_dir: Path) -> str:
         lines.append("No perturbation was run (no `--perturb`): scores and Top-K only.")
         if stab is not None:
             lines += [f"Top-K stability: mean Jaccard {stab['jaccard_mean']:.3f} over consecutive seed pairs."]
-    lines += super_weights_section(read_json(out_dir, "super_weights.json"))
+    lines += super_weights_section(out_dir)
     lines += parts.sections(out_dir)
     shown = [s for s in PLOTS if (out_dir / "plots" / s.file).is_file()]
     if shown:
@@ -169,7 +173,8 @@ def build_report(out_dir: Path) -> str:
             reading = s.read(out_dir) or "(its data file is missing from this out-dir)"
             lines += ["", f"### {s.title}", "", f"![{s.title}](plots/{s.file})", "", reading]
     else:
-        lines += ["", "(No plots: run with `--save-plots`, or `python -m esa.report OUT_DIR` to draw them.)"]
+        lines += ["", "(No score plots: run with `--save-plots`, or `python -m esa.report OUT_DIR --save-plots` "
+                  "to draw them.)"]
     lines += ["", "## Files", ""] + file_list(out_dir, manifest)
     return "\n".join(lines) + "\n"
 

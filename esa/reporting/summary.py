@@ -158,5 +158,5 @@ def files_footer(out_dir: Path, plot_paths: list[Path]) -> str:
     lines = [f"outputs: {out_dir}", f"  report: {out_dir / 'report.md'}"]
     lines += [f"  plot:   {p}" for p in plot_paths]
     if not plot_paths:
-        lines.append("  (no plots: add --save-plots, or run: python -m esa.report OUT_DIR)")
+        lines.append("  (no plots: add --save-plots, or run: python -m esa.report OUT_DIR --save-plots)")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """The super-weight files from the results dict alone: ``super_weights.json``, the table
 (``super_weights.txt``, also printed) and the spike plot (``super_weights.png``).
 
-``python -m esa.report OUT_DIR`` redraws the plot of an old run from its JSON.
+``python -m esa.report OUT_DIR`` redraws the plot and rewrites the table of an old run (an ESA run's
+or a find_super_weights.py out-dir) from its JSON.
 """
 
 from __future__ import annotations

@@ -77,10 +77,12 @@ def test_file_list_covers_the_out_dir(out_dir):
 
 
 def test_python_m_esa_report_regenerates_everything(tmp_path):
+    """--save-plots draws the score plots of a run made without them (tests/reporting/test_regenerate.py:
+    without it, exactly the files the run wrote come back)."""
     out = make_out_dir(tmp_path / "old_run", layers=4)
     shutil.rmtree(out / "plots", ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-m", "esa.report", str(out)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "esa.report", str(out), "--save-plots"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     for spec in PLOTS:
         png = out / "plots" / spec.file
