@@ -89,16 +89,23 @@ def test_only_the_resume_flag_takes_the_recorded_configuration(tiny, tmp_path, c
     assert "already finished" in capsys.readouterr().out and journal_lines(out) == lines
 
 
+@pytest.fixture(scope="module")
+def refused(tiny, tmp_path_factory):
+    """A killed run, shared by the tests whose --resume is refused (a refused resume writes nothing)."""
+    out = tmp_path_factory.mktemp("refused") / "run"
+    killed(args(tiny, out), "condition:1")
+    return out
+
+
 @pytest.mark.parametrize("change, needle", [
     (("--topk", "5"), "--topk: 4 in the run, 5 now"),
     (("--metric", "act_mag"), "--metric: grad_x_weight in the run, act_mag now"),
     (("--seeds", "0,1"), "--seeds: 0,1,2 in the run, 0,1 now"),
 ])
-def test_resume_refuses_a_changed_command(tiny, tmp_path, capsys, change, needle):
+def test_resume_refuses_a_changed_command(tiny, refused, capsys, change, needle):
     """The message names each changed flag as the user types it (never a Python repr) and nothing
     else: every other flag of the command is the run's own."""
-    out = tmp_path / "run"
-    killed(args(tiny, out), "condition:1")
+    out = refused
     argv = args(tiny, out) + ["--resume", str(out)]
     argv[argv.index(change[0]) + 1] = change[1]
     assert esa_runner.main(argv) == 2
@@ -106,14 +113,13 @@ def test_resume_refuses_a_changed_command(tiny, tmp_path, capsys, change, needle
     assert needle in err and err.count(" in the run, ") == 1, err
 
 
-def test_resume_compares_only_the_flags_typed(tiny, tmp_path, capsys):
+def test_resume_compares_only_the_flags_typed(refused, capsys):
     """``--resume DIR --topk 50``: one difference, --topk; the defaults of flags not typed (--device,
     --seeds, ...) are no difference even though the run typed other values."""
-    out = tmp_path / "run"
-    killed(args(tiny, out), "condition:1")
-    assert esa_runner.main(["--resume", str(out), "--topk", "50"]) == 2
+    assert esa_runner.main(["--resume", str(refused), "--topk", "50"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.count(" in the run, ") == 1 and "--topk: 4 in the run, 50 now" in err, err
+    assert json.loads((refused / "experiment_manifest.json").read_text())["status"] == "running"  # untouched
 
 
 def test_resume_refuses_a_changed_model_or_data_file(tiny, tmp_path, capsys):
