@@ -137,6 +137,20 @@ def default_run_dir(cfg: RunConfig) -> Path:
                            *filter(None, [o.perturb, f"{o.quantize}{o.bits}" if o.quantize else None]))
 
 
+def validate_sharded(cfg: RunConfig) -> None:
+    """What --shard fsdp cannot do yet, each with its reason (UsageError)."""
+    for m in cfg.scoring.metrics:
+        if METRICS[m].not_on_shards:
+            raise UsageError(f"--shard fsdp cannot score with {m}: {METRICS[m].not_on_shards}; use grad_x_weight, "
+                             "act_mag, obs or magnitude, or torchrun without --shard (each rank holds the whole model)")
+    if cfg.super_weights.detect_super_weights:
+        raise UsageError("--detect-super-weights is not supported with --shard fsdp yet: run "
+                         "scripts/find_super_weights.py on the model instead")
+    others = [e for e in cfg.evaluation.evaluate[1:]]
+    if others:
+        raise UsageError(f"--shard fsdp measures perplexity only for now, not {', '.join(others)}")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check everything that can be checked before the model loads, group by group; return the config."""
     validate_scoring(cfg.scoring)
@@ -144,6 +158,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     validate_experiment(cfg.experiment)
     validate_data(cfg.data)
     validate_distributed(cfg.distributed, distributed.requested())
+    if cfg.distributed.shard:
+        validate_sharded(cfg)
     if cfg.distributed.gradient_checkpointing and not any("backward" in METRICS[m].needs
                                                           for m in cfg.scoring.metrics):
         raise UsageError("--gradient-checkpointing only applies to gradient metrics, not "

@@ -46,12 +46,13 @@ def build(family: str, vocab: int, seed: int = 0, **special) -> torch.nn.Module:
     return model.eval()
 
 
-def family_dir(family: str, path: Path, seed: int = 0) -> Path:
-    """Save :func:`build`'s model with the real SmolLM2 tokenizer into ``path`` (once per path)."""
+def family_dir(family: str, path: Path, seed: int = 0, **config) -> Path:
+    """Save :func:`build`'s model with the real SmolLM2 tokenizer into ``path`` (once per path);
+    ``config`` overrides the family's settings (e.g. ``tie_word_embeddings=True``)."""
     if (path / "config.json").is_file():
         return path
     tok = AutoTokenizer.from_pretrained(embedded_dir())
     special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    build(family, len(tok), seed, **special).save_pretrained(path)
+    build(family, len(tok), seed, **special, **config).save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -26,7 +26,7 @@ MAINS = {"scripts/baseline_runner.py": baseline_main, "scripts/find_super_weight
 
 def commands() -> list[tuple[str, str, list[str]]]:
     """(doc, script, argv) for each ``python <script> ...`` line in the docs' code blocks, and for each
-    ``torchrun --nproc_per_node N esa_runner.py ...`` line (script ``torchrun:N``)."""
+    ``torchrun [--nnodes M] --nproc_per_node N ... esa_runner.py ...`` line (script ``torchrun:<M*N>``)."""
     out = []
     for doc in DOCS:
         path = REPO / doc
@@ -37,8 +37,11 @@ def commands() -> list[tuple[str, str, list[str]]]:
                 words = shlex.split(line, comments=True)
                 if len(words) >= 2 and words[0] == "python" and words[1] in SCRIPTS:
                     out.append((doc, words[1], words[2:]))
-                elif words[:2] == ["torchrun", "--nproc_per_node"] and words[3] == "esa_runner.py":
-                    out.append((doc, f"torchrun:{words[2]}", words[4:]))
+                elif words[:1] == ["torchrun"] and "esa_runner.py" in words:
+                    at = words.index("esa_runner.py")
+                    launcher = dict(zip(words[1:at:2], words[2:at:2]))  # --nnodes 8 --nproc_per_node 8 ...
+                    world = int(launcher.get("--nnodes", 1)) * int(launcher["--nproc_per_node"])
+                    out.append((doc, f"torchrun:{world}", words[at + 1:]))
     return out
 
 
@@ -61,6 +64,7 @@ def test_command_parses_and_validates(doc, script, argv, tmp_path, monkeypatch, 
         argv += ["--out-dir", str(tmp_path / "out")]
     if script.startswith("torchrun:"):  # what torchrun tells each rank
         monkeypatch.setenv("WORLD_SIZE", script.split(":")[1])
+        monkeypatch.setenv("RANK", "0")
     main = MAINS.get(script, esa_runner.main)
     assert main(argv + ["--dry-run"]) == 0, (doc, script, argv, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()  # a dry run writes nothing

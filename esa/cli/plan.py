@@ -34,7 +34,9 @@ def _scale_out(cfg: RunConfig) -> str:
         parts.append(f"device map {d.device_map}" + (" with CPU offload" if d.offload else ""))
     if d.gradient_checkpointing:
         parts.append("gradient checkpointing")
-    if distributed.requested():
+    if d.shard:
+        parts.append(f"every weight sharded over {distributed.launched_world_size()} ranks (FSDP2)")
+    elif distributed.requested():
         parts.append(f"data parallel over {distributed.launched_world_size()} ranks")
     return ("   (" + ", ".join(parts) + ")") if parts else ""
 

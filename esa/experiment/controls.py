@@ -22,6 +22,7 @@ Too few eligible weights for a control is a usage error (a degenerate control is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,20 +30,30 @@ import numpy as np
 import torch
 
 from esa.errors import UsageError
+from esa.experiment import sharded
 from esa.experiment.rows import as_rows, flat_indices, row_extreme_k
-from esa.experiment.selection import Selection, extreme_k, gather, merge_global
+from esa.experiment.selection import Selection, extreme_k, gather, merge_global, shapes
+from esa.experiment.sharded import Split
 from esa.registry import Registry
 
 
 @dataclass(frozen=True)
 class ControlContext:
-    """What a control may need beyond the scores: the weights (name -> parameter), and whether the
-    perturbation leaves exact zeros unchanged (then they are not eligible for bottom_k), and each
-    tensor's input-feature axis (``per_row``: rows are the output features)."""
+    """What a control may need beyond the scores: the weights (name -> this rank's rows of the
+    parameter), and whether the perturbation leaves exact zeros unchanged (then they are not eligible
+    for bottom_k), and each tensor's input-feature axis (``per_row``: rows are the output features).
+    ``split``: each rank holds some rows of every tensor (``--shard fsdp``); ``whole_weight(name)``
+    then gathers one whole weight (random_mag_k ranks a tensor's |w|: one tensor at a time)."""
 
     weights: dict[str, torch.Tensor] | None = None
     zeros_unchanged: bool = False
     in_axes: dict[str, int | None] = field(default_factory=dict)
+    split: Split | None = None
+    whole_weight: Callable[[str], torch.Tensor] | None = None
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The whole weight ``name`` (gathered from the ranks when it is split)."""
+        return self.whole_weight(name) if self.split is not None else self.weights[name]
 
 
 ControlFn = Callable[[dict[str, torch.Tensor], list[str], int, str, Selection, np.random.Generator, ControlContext],
@@ -93,24 +104,25 @@ def sample_excluding(n: int, k: int, excluded: torch.Tensor, rng: np.random.Gene
 @control_kind("random_k", nested=False, aliases=("random",),
               help="k random weights disjoint from the Top-K (per tensor for per_layer)")
 def random_k(scores, names, k, mode, top, rng, ctx) -> Selection:
+    shape = shapes(scores, ctx.split)  # the draws depend on the sizes only: the same on every rank
     if mode == "per_row":  # per row: the k smallest of uniform keys, the Top-K's keys set beyond reach
         indices = {}
         for n in names:
-            axis, shape = ctx.in_axes.get(n), tuple(scores[n].shape)
-            keys = torch.from_numpy(rng.random(size=scores[n].numel(), dtype=np.float32))
+            axis = ctx.in_axes.get(n)
+            keys = torch.from_numpy(rng.random(size=math.prod(shape[n]), dtype=np.float32))
             keys[top.indices[n]] = 2.0
-            indices[n] = flat_indices(shape, axis, row_extreme_k(keys.reshape(shape), axis, k, largest=False))
-        return Selection("random_k", indices, gather(scores, indices), row_k=k)
+            indices[n] = flat_indices(shape[n], axis, row_extreme_k(keys.reshape(shape[n]), axis, k, largest=False))
+        return Selection("random_k", indices, gather(scores, indices, ctx.split), row_k=k)
     if mode == "per_layer":
-        indices = {n: sample_excluding(scores[n].numel(), k, top.indices[n], rng) for n in names}
+        indices = {n: sample_excluding(math.prod(shape[n]), k, top.indices[n], rng) for n in names}
     else:
-        sizes = torch.tensor([scores[n].numel() for n in names], dtype=torch.long)
+        sizes = torch.tensor([math.prod(shape[n]) for n in names], dtype=torch.long)
         starts = torch.cumsum(sizes, 0) - sizes
         excl = torch.cat([top.indices[n] + starts[i] for i, n in enumerate(names) if n in top.indices])
         offsets = sample_excluding(int(sizes.sum()), k, excl, rng)
         tid = torch.searchsorted(starts, offsets, right=True) - 1
         indices = {n: (offsets[tid == i] - starts[i]).sort().values for i, n in enumerate(names)}
-    return Selection("random_k", indices, gather(scores, indices))
+    return Selection("random_k", indices, gather(scores, indices, ctx.split))
 
 
 @control_kind("bottom_k", nested=True, aliases=("bottom",),
@@ -123,32 +135,42 @@ def bottom_k(scores, names, k, mode, top, rng, ctx) -> Selection:
         w = ctx.weights[name].reshape(-1).to(flat.device)
         return flat.masked_fill(w == 0, float("inf"))  # never among the k lowest while enough others exist
 
+    if ctx.split is not None:  # each rank proposes its rows' lowest eligible scores; merged exactly
+        indices, values = sharded.select(scores, ctx.split.shards, names, k, mode, False, ctx.in_axes,
+                                         ctx.split.exchange, eligible_only)
+        _check_bottom(values, k, mode)
+        return Selection("bottom_k", indices, gather(scores, indices, ctx.split), row_k=k if mode == "per_row" else 0)
     if mode == "per_row":
         indices = {}
         for n in names:
             flat = eligible_only(n, scores[n].reshape(-1))
             axis, shape = ctx.in_axes.get(n), tuple(scores[n].shape)
             indices[n] = flat_indices(shape, axis, row_extreme_k(flat.reshape(shape), axis, k, largest=False))
-            if torch.isinf(flat[indices[n].to(flat.device)]).any():
-                raise UsageError(f"bottom_k is degenerate: a row of {n} has fewer than {k} weights the perturbation "
-                                 "changes (the rest are exact zeros); lower --topk or drop bottom_k from --controls")
+        _check_bottom({n: eligible_only(n, scores[n].reshape(-1))[i.to(scores[n].device)] for n, i in indices.items()},
+                      k, mode)
         return Selection("bottom_k", indices, gather(scores, indices), row_k=k)
     if mode == "per_layer":
-        indices = {}
-        for n in names:
-            flat = eligible_only(n, scores[n].reshape(-1))
-            indices[n] = extreme_k(flat, k, largest=False).cpu()
-            if torch.isinf(flat[indices[n].to(flat.device)]).any():
-                raise UsageError(f"bottom_k is degenerate: {n} has fewer than {k} weights the perturbation changes "
-                                 "(the rest are exact zeros); lower --topk or drop bottom_k from --controls")
+        indices = {n: extreme_k(eligible_only(n, scores[n].reshape(-1)), k, largest=False).cpu() for n in names}
     else:
         indices = merge_global(scores, names, k, largest=False, view=eligible_only)
-        if sum(len(v) for v in indices.values()) < k or any(
-                torch.isinf(eligible_only(n, scores[n].reshape(-1))[i.to(scores[n].device)]).any()
-                for n, i in indices.items() if len(i)):
-            raise UsageError(f"bottom_k is degenerate: fewer than {k} weights the perturbation changes; lower --topk "
-                             "or drop bottom_k from --controls")
+    _check_bottom({n: eligible_only(n, scores[n].reshape(-1))[i.to(scores[n].device)] for n, i in indices.items()},
+                  k, mode)
     return Selection("bottom_k", indices, gather(scores, indices))
+
+
+def _check_bottom(values: dict[str, torch.Tensor], k: int, mode: str) -> None:
+    """A bottom_k that had to take a weight the perturbation does not change (an exact zero, scored
+    ``inf`` by the eligibility view) is degenerate: a usage error naming the tensor."""
+    if mode == "global":
+        if sum(len(v) for v in values.values()) < k or any(torch.isinf(v).any() for v in values.values()):
+            raise UsageError(f"bottom_k is degenerate: fewer than {k} weights the perturbation changes; lower "
+                             "--topk or drop bottom_k from --controls")
+        return
+    for n, v in values.items():
+        if torch.isinf(v).any():
+            where = f"a row of {n} has" if mode == "per_row" else f"{n} has"
+            raise UsageError(f"bottom_k is degenerate: {where} fewer than {k} weights the perturbation changes "
+                             "(the rest are exact zeros); lower --topk or drop bottom_k from --controls")
 
 
 NEIGHBOURS = 4  # random_mag_k draws among this many nearest free |w| ranks
@@ -162,10 +184,11 @@ def random_mag_k(scores, names, k, mode, top, rng, ctx) -> Selection:
     for n in names:
         mine = top.indices.get(n, torch.zeros(0, dtype=torch.int64))
         if mode == "per_row":  # matched within each row: the row's |w| ranking, the row's Top-K
-            indices[n] = per_row_matched(ctx.weights[n], ctx.in_axes.get(n), mine.reshape(-1, k), rng, n)
+            indices[n] = per_row_matched(ctx.weight(n), ctx.in_axes.get(n), mine.reshape(-1, k), rng, n)
         else:
-            indices[n] = magnitude_matched(ctx.weights[n], mine, rng, n) if len(mine) else mine.clone()
-    return Selection("random_mag_k", indices, gather(scores, indices), row_k=k if mode == "per_row" else 0)
+            indices[n] = magnitude_matched(ctx.weight(n), mine, rng, n) if len(mine) else mine.clone()
+    return Selection("random_mag_k", indices, gather(scores, indices, ctx.split),
+                     row_k=k if mode == "per_row" else 0)
 
 
 def per_row_matched(weight: torch.Tensor, in_axis: int | None, top: torch.Tensor, rng: np.random.Generator,

@@ -29,7 +29,8 @@ import torch
 
 from esa.errors import UsageError
 from esa.experiment.selection import Selection
-from esa.model.targets import Target, flat_view
+from esa.model import distributed
+from esa.model.targets import Target, flat_offset, flat_view
 from esa.registry import Registry
 
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
@@ -122,6 +123,7 @@ def perturbed(targets: dict[str, Target], selection: Selection, kind: str, scale
     params = PerturbParams(scale, bit_index)
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     info = {"n_selected": selection.size, "n_perturbed": 0, "n_changed": 0}
+    split = False
     try:
         with torch.no_grad():
             for name, idx in selection.indices.items():
@@ -129,15 +131,24 @@ def perturbed(targets: dict[str, Target], selection: Selection, kind: str, scale
                     idx = idx[torch.rand(len(idx), generator=gen) < prob]
                 if len(idx) == 0:
                     continue
-                flat = flat_view(targets[name].param)
+                param = targets[name].param
+                flat = flat_view(param)
                 bits = flat.view(INT_VIEW[flat.dtype])
-                idx = idx.to(flat.device)
-                saved.append((bits, idx, bits[idx].clone()))  # raw bits, saved before writing
-                original = flat[idx]
+                # --shard fsdp: this rank holds flat indices [lo, lo + len(flat)); the function still sees every
+                # selected value in selection order (a Gaussian draw follows it), the others' as zeros, and
+                # only this rank's are written, so every weight gets exactly the value one process gives it
+                lo, split = flat_offset(param), split or distributed.sharded(param)
+                here = ((idx >= lo) & (idx < lo + flat.numel())).to(flat.device)
+                local_idx = (idx.to(flat.device) - lo)[here]
+                saved.append((bits, local_idx, bits[local_idx].clone()))  # raw bits, saved before writing
+                original = torch.zeros(len(idx), dtype=flat.dtype, device=flat.device)
+                original[here] = flat[local_idx]
                 new = fn(original, params, gen)
-                flat[idx] = new
+                flat[local_idx] = new[here]
                 info["n_perturbed"] += len(idx)
-                info["n_changed"] += _value_changed(new, original)
+                info["n_changed"] += _value_changed(new[here], original[here])
+        if split:  # each rank counted the changes of its own rows
+            info["n_changed"] = int(distributed.all_reduce_floats([float(info["n_changed"])])[0])
         yield info
     finally:
         with torch.no_grad():

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from esa.experiment.rows import as_rows, from_rows
+from esa.model import distributed
 from esa.model.targets import Target
 
 CHUNK = 1 << 22  # weights quantized at once (bounds the fp32 temporaries)
@@ -77,10 +78,14 @@ def rtn_blocks(x: torch.Tensor, bits: int, protect: torch.Tensor | None = None, 
     return w_q, scale, zero
 
 
-def block_rows(t: Target, block: str | int) -> tuple[torch.Tensor, int]:
-    """``t``'s weight as ``[blocks, B]`` for the whole-row layouts (channel, tensor), or its flat view
-    with the block size for a count layout (the last block may be shorter)."""
-    w = t.param.detach()
+def whole(t: Target) -> torch.Tensor:
+    """``t``'s whole weight, detached (under ``--shard fsdp`` gathered from the ranks: one tensor at a time)."""
+    return t.param.full_tensor().detach() if distributed.sharded(t.param) else t.param.detach()
+
+
+def block_rows(t: Target, block: str | int, w: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``t``'s whole weight ``w`` as ``[blocks, B]`` for the whole-row layouts (channel, tensor), or its
+    flat view with the block size for a count layout (the last block may be shorter)."""
     if block == "channel":
         return as_rows(w, t.axis("in")), 0
     if block == "tensor":
@@ -96,15 +101,17 @@ def _rtn_rows(rows: torch.Tensor, mask: torch.Tensor | None, spec: RTN) -> torch
     return torch.cat(parts)
 
 
-def quantize_tensor(t: Target, spec: RTN, protect: torch.Tensor | None = None) -> torch.Tensor:
-    """The dequantized weight of ``t`` in its own shape (fp32); ``protect``: flat indices kept exact."""
-    w = t.param.detach()
+def quantize_tensor(t: Target, spec: RTN, protect: torch.Tensor | None = None, w: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """The dequantized weight of ``t`` (or of ``w``, its whole weight as a forward reads it) in its own
+    shape (fp32); ``protect``: flat indices kept exact."""
+    w = whole(t) if w is None else w.detach()
     mask = None
     if protect is not None and len(protect):
         mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
         mask[protect.to(w.device)] = True
         mask = mask.reshape(w.shape)
-    rows, size = block_rows(t, spec.block)
+    rows, size = block_rows(t, spec.block, w)
     if size == 0:  # channel or tensor: rows are the blocks
         row_mask = None if mask is None else (as_rows(mask, t.axis("in")) if spec.block == "channel"
                                               else mask.reshape(1, -1))
@@ -128,8 +135,8 @@ def quantization_error(targets: list[Target], spec: RTN, protect: dict[str, torc
     total, count = 0.0, 0
     for t in targets:
         idx = protect.get(t.name)
-        w = t.param.detach()
-        err = (quantize_tensor(t, spec, idx).to(w.dtype).float() - w.float()).square().reshape(-1)
+        w = whole(t)
+        err = (quantize_tensor(t, spec, idx, w).to(w.dtype).float() - w.float()).square().reshape(-1)
         if idx is not None and len(idx):
             err[idx.to(err.device)] = 0.0
         total += float(err.sum(dtype=torch.float64))
@@ -145,28 +152,31 @@ def quantized(targets: list[Target], spec: RTN, protect: dict[str, torch.Tensor]
     handles = []
     swapped: dict[str, list] = {}  # target name -> [original data, depth]
 
-    def make_hooks(t: Target):
-        def pre(_module, _args):
-            state = swapped.setdefault(t.name, [None, 0])
+    def make_hooks(t: Target, attr: str):
+        # the weight is looked up as the forward starts: under --shard fsdp the module then holds the
+        # gathered whole weight (a tensor FSDP frees after the block), never the stored shard
+        def pre(module, _args):
+            state = swapped.setdefault(t.name, [None, 0, None])
             if state[1] == 0:
-                state[0] = t.param.data
-                t.param.data = quantize_tensor(t, spec, protect.get(t.name)).to(state[0].dtype)
+                w = getattr(module, attr)
+                state[0], state[2] = w.data, w
+                w.data = quantize_tensor(t, spec, protect.get(t.name), w).to(state[0].dtype)
             state[1] += 1
 
         def post(_module, _args, _out):
             state = swapped[t.name]
             state[1] -= 1
             if state[1] == 0:
-                t.param.data = state[0]
-                state[0] = None
+                state[2].data = state[0]
+                state[0] = state[2] = None
         return pre, post
 
     try:
         for t in targets:
-            pre, post = make_hooks(t)
-            for module in {id(u.module): u.module for u in t.uses}.values():
-                handles.append(module.register_forward_pre_hook(pre))
-                handles.append(module.register_forward_hook(post))
+            for u in {id(u.module): u for u in t.uses}.values():
+                pre, post = make_hooks(t, u.attr)
+                handles.append(u.module.register_forward_pre_hook(pre))
+                handles.append(u.module.register_forward_hook(post))
         yield
     finally:
         for h in handles:
@@ -174,4 +184,4 @@ def quantized(targets: list[Target], spec: RTN, protect: dict[str, torch.Tensor]
         for t in targets:  # a forward that raised left its weight swapped
             state = swapped.get(t.name)
             if state is not None and state[0] is not None:
-                t.param.data = state[0]
+                state[2].data = state[0]

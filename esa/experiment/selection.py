@@ -9,14 +9,17 @@ global top-k, so no Python object is ever built per weight.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from esa.errors import UsageError
+from esa.experiment import sharded
+from esa.experiment.ranking import extreme_k, merge_global
 from esa.experiment.rows import flat_indices, row_extreme_k, row_length
+from esa.experiment.sharded import Split
 
 
 @dataclass(frozen=True)
@@ -79,48 +82,17 @@ class Selection:
                          {n: self.scores[n][torch.tensor(pos_of[n], dtype=torch.int64)] for n in idx})
 
 
-def extreme_k(flat: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
-    """Flat indices of the k largest (or smallest) values, ordered by value then index.
-
-    Deterministic: ties at the threshold go to the lowest indices.  Fast path: one ``topk`` of
-    k+1 values; when the (k+1)-th value is strictly beyond the k-th, no tie crosses the cut and the
-    top-k set is exact without touching the tensor again.  Only a tie across the cut (rare for
-    continuous scores) costs a full pass with boolean masks the size of ``flat``.
-    """
-    n = flat.numel()
-    k = min(k, n)
-    vals = flat if largest else flat.neg()
-    top = torch.topk(vals, min(k + 1, n), sorted=True)
-    thr = top.values[k - 1]
-    if k == n or bool(top.values[k] < thr):
-        idx = top.indices[:k].sort().values
-    else:
-        above = torch.nonzero(vals > thr).squeeze(1)
-        ties = torch.nonzero(vals == thr).squeeze(1)[: k - len(above)]
-        idx = torch.cat([above, ties]).sort().values
-    order = torch.sort(vals[idx], descending=True, stable=True).indices
-    return idx[order]
-
-
-def merge_global(scores: dict[str, torch.Tensor], names: list[str], k: int, largest: bool,
-                 view: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The global extreme k over all tensors, from each tensor's own extreme k (``view``: an optional
-    per-tensor transform of the flat scores applied first, e.g. to rule weights out)."""
-    cand_idx, cand_val, cand_tid = [], [], []
-    for t, name in enumerate(names):
-        flat = scores[name].reshape(-1) if view is None else view(name, scores[name].reshape(-1))
-        idx = extreme_k(flat, k, largest)
-        cand_idx.append(idx.cpu())
-        cand_val.append(flat[idx].cpu())
-        cand_tid.append(torch.full((len(idx),), t))
-    val, tid, idx = torch.cat(cand_val), torch.cat(cand_tid), torch.cat(cand_idx)
-    # candidates are already in (tensor, value, index) order; a stable sort on value finishes it
-    order = torch.sort(val if largest else val.neg(), descending=True, stable=True).indices[:k]
-    return {name: idx[order][tid[order] == t] for t, name in enumerate(names)}
-
-
-def gather(scores: dict[str, torch.Tensor], indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def gather(scores: dict[str, torch.Tensor], indices: dict[str, torch.Tensor], split: Split | None = None
+           ) -> dict[str, torch.Tensor]:
+    """The fp32 scores at ``indices`` (global flat; under ``split`` read on the rank that holds each)."""
+    if split is not None:
+        return sharded.gather(scores, split.shards, indices, split.exchange)
     return {n: scores[n].reshape(-1)[i.to(scores[n].device)].float().cpu() for n, i in indices.items()}
+
+
+def shapes(scores: dict[str, torch.Tensor], split: Split | None) -> dict[str, tuple[int, ...]]:
+    """Each score tensor's whole shape (a rank of a sharded run holds only some rows)."""
+    return {n: split.shape(n) if split is not None else tuple(s.shape) for n, s in scores.items()}
 
 
 def check_k(mode: str, k: int, sizes: dict[str, int], need: int, flag: str = "--topk") -> None:
@@ -146,9 +118,16 @@ def check_k(mode: str, k: int, sizes: dict[str, int], need: int, flag: str = "--
 
 
 def top_k(scores: dict[str, torch.Tensor], names: list[str], k: int, mode: str, need: int = 1,
-          in_axes: dict[str, int | None] | None = None) -> Selection:
+          in_axes: dict[str, int | None] | None = None, split: Split | None = None) -> Selection:
     """The Top-K of ``scores`` (``names`` in target order). ``need=2`` reserves room for controls;
-    ``in_axes``: each tensor's input-feature axis (``per_row`` needs it: rows are output features)."""
+    ``in_axes``: each tensor's input-feature axis (``per_row`` needs it: rows are output features);
+    ``split``: each rank holds some rows of every tensor (:mod:`esa.experiment.sharded`)."""
+    if split is not None:
+        whole = shapes(scores, split)
+        check_k(mode, k, {n: row_length(whole[n], (in_axes or {}).get(n)) if mode == "per_row"
+                          else math.prod(whole[n]) for n in names}, need)
+        indices, values = sharded.select(scores, split.shards, names, k, mode, True, in_axes or {}, split.exchange)
+        return Selection("top_k", indices, values, row_k=k if mode == "per_row" else 0)
     if mode == "per_row":
         axes = in_axes or {}
         check_k(mode, k, {n: row_length(tuple(scores[n].shape), axes.get(n)) for n in names}, need)

@@ -104,8 +104,8 @@ class ActMag(Collector):
                  for i, u in enumerate(t.uses) if hooked_use(u)]
         if t.name in self.watched:
             norms.append(broadcast_to_weight(t, self.seen.sums[t.name]))
-        w = t.param.detach().float().abs()  # a fresh fp32 buffer (abs copies): it becomes the score
-        norms = [n.sqrt_() for n in norms]
+        w = t.local().float().abs()  # a fresh fp32 buffer (abs copies): it becomes the score
+        norms = [t.local_rows(n).sqrt_() for n in norms]  # this rank's rows under --shard fsdp
         if len(norms) == 1:
             return w.mul_(norms[0])
         out = w * norms[0]  # tied: |w| * sum of the uses' norms (each broadcast along its own input axis)

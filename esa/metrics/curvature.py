@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from esa.metrics.grads import grad_accumulators
-from esa.metrics.registry import Collector, metric
+from esa.metrics.registry import PER_WINDOW_SQUARES, Collector, metric
 from esa.model import distributed
 from esa.model.forward import batches, nll_sum
 from esa.model.introspect import input_device, using_implementation
@@ -98,11 +98,16 @@ def hutchinson_signed(model, targets: list[Target], windows: torch.Tensor, batch
     return {t.name: e.div_(probes) for t, e in zip(targets, est)}
 
 
+HVP_ON_SHARDS = ("its Hessian-vector products take torch.autograd.grad with respect to the weights, but on FSDP "
+                 "shards the forward reads gathered copies, so the sharded weights are not in the graph")
+
+
 @metric("hutchinson_diag", aliases=("hutchinson",), needs=("forward", "backward", "hvp"),
         help="|mean_z z*(Hz)|, Rademacher probes (--hutchinson-samples), H = Hessian of the mean token loss",
         unit="|diag H| (nats / weight unit²; Hutchinson)",
         options=(Option("hutchinson_samples", 16, "Rademacher probes for hutchinson_diag (one Hessian-vector "
-                        "product each)", check=positive),))
+                        "product each)", check=positive),),
+        not_on_shards=HVP_ON_SHARDS)
 class HutchinsonDiag(Collector):
     def own_passes(self, model, targets, windows, batch_size) -> None:
         ctx = self.ctx
@@ -122,7 +127,8 @@ class HutchinsonDiag(Collector):
              "labels sampled from the model (--curvature-samples per window)",
         unit="Gauss–Newton diag (nats / weight unit²)",
         options=(Option("curvature_samples", 1, "Monte-Carlo label draws per calibration window for hessian_diag",
-                        check=positive),))
+                        check=positive),),
+        not_on_shards=PER_WINDOW_SQUARES)
 class HessianDiag(Collector):
     def own_passes(self, model, targets, windows, batch_size) -> None:
         ctx, samples = self.ctx, self.ctx.curvature_samples

@@ -10,7 +10,7 @@ W calibration windows (fp32 accumulators whatever the model dtype).
 
 from __future__ import annotations
 
-from esa.metrics.registry import Collector, metric
+from esa.metrics.registry import PER_WINDOW_SQUARES, Collector, metric
 
 
 @metric("grad_x_weight", aliases=("gradxweight", "grad_weight", "taylor"), needs=("forward", "backward"),
@@ -21,12 +21,13 @@ class GradXWeight(Collector):
 
     def score(self, t, grads):
         # in place: the fp32 accumulator becomes the score, so no second model-sized buffer is made
-        return grads("batch").mul_(t.param.detach()).abs_()
+        return grads("batch").mul_(t.local()).abs_()  # this rank's rows under --shard fsdp
 
 
 @metric("grad_squared", aliases=("fisher", "grad_sq"), needs=("forward", "backward", "per_window"),
         help="empirical Fisher diagonal, mean over windows of the per-window gradient squared",
-        unit="mean (∂L/∂w)² (nats² / weight unit²; empirical Fisher)")
+        unit="mean (∂L/∂w)² (nats² / weight unit²; empirical Fisher)",
+        not_on_shards=PER_WINDOW_SQUARES)
 class GradSquared(Collector):
     gradients = ("window_sq",)
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from esa.metrics.registry import Scores
+from esa.model import distributed
 
 if TYPE_CHECKING:
     from esa.model.targets import Target
@@ -34,7 +35,12 @@ def grad_accumulators(targets: list[Target], square: bool = False) -> Iterator[S
 
     def make_hook(name: str):
         def hook(p: torch.Tensor) -> None:
-            g = p.grad.float().contiguous()  # fp32 and contiguous: p.grad itself, else a fresh copy
+            if distributed.sharded(p.grad):
+                # --shard fsdp: this rank's rows, already summed over the ranks by FSDP's reduce-scatter.
+                # Copied: the local gradient is a view into FSDP's flat reduce buffer, which must not be kept.
+                g = p.grad.to_local().float().clone()
+            else:
+                g = p.grad.float().contiguous()  # fp32 and contiguous: p.grad itself, else a fresh copy
             p.grad = None
             if name not in acc:
                 acc[name] = g.square_() if square else g
@@ -55,7 +61,7 @@ def grad_accumulators(targets: list[Target], square: bool = False) -> Iterator[S
         for t in targets:
             acc[t.name] = filled.pop(t.name, None)
             if acc[t.name] is None:
-                acc[t.name] = torch.zeros(t.shape, dtype=torch.float32, device=t.param.device)
+                acc[t.name] = torch.zeros(t.local().shape, dtype=torch.float32, device=t.param.device)
     finally:
         for h in handles:
             h.remove()

@@ -8,4 +8,4 @@ from esa.metrics.registry import Collector, metric
 @metric("magnitude", aliases=("weight_magnitude",), needs=(), help="|w|", unit="|w| (weight units)")
 class Magnitude(Collector):
     def score(self, t, grads):
-        return t.param.detach().float().abs()
+        return t.local().float().abs()

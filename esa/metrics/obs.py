@@ -118,7 +118,7 @@ class OBS(Collector):
 
     def score(self, t, grads):
         damp, n = self.ctx.obs_damp, self.n
-        w2 = t.param.detach().float().square()
+        w2 = t.local().float().square()
         score = None
         for i, use in enumerate(t.uses):
             h_sum = self.sums.pop((t.name, i))  # freed as soon as its tensor is scored
@@ -131,6 +131,6 @@ class OBS(Collector):
                 inv, used = inverse_diagonal(h_sum, int(n), damp)
             self.ctx.extra_stats.setdefault(t.name, {}).setdefault("obs_damp", []).append(used)
             inv = inv.float()
-            part = w2 / (inv[None, :] if use.in_axis == 1 else inv[:, None])
+            part = w2 / t.local_rows(inv[None, :] if use.in_axis == 1 else inv[:, None])
             score = part if score is None else score.add_(part)
         return score

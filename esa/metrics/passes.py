@@ -34,7 +34,7 @@ import torch
 from esa.metrics.grads import grad_accumulators
 from esa.metrics.registry import GRADIENTS, METRICS, Collector, MetricContext, Scores
 from esa.model import distributed
-from esa.model.forward import batches, nll_sum
+from esa.model.forward import batches, dummy_step, nll_sum
 from esa.model.introspect import assert_eval, input_device
 
 if TYPE_CHECKING:
@@ -74,22 +74,29 @@ class GradientStore:
 
 
 def forward_pass(model: torch.nn.Module, targets: list[Target], windows: torch.Tensor, batch_size: int,
-                 observers: list[Collector], n_tokens: int | None, desc: str) -> Scores | None:
+                 observers: list[Collector], n_tokens: int | None, desc: str, steps: int = 0) -> Scores | None:
     """One pass over ``windows`` in batches with every observer's hooks installed.  ``n_tokens``
-    given: also backward ``sum NLL / n_tokens`` per batch and return the summed gradient (fp32)."""
+    given: also backward ``sum NLL / n_tokens`` per batch and return the summed gradient (fp32).
+    ``steps``: the number of forward calls to make (a sharded model needs the same on every rank:
+    after its own batches a rank runs dummy ones that count for nothing, see :func:`dummy_step`)."""
     with contextlib.ExitStack() as stack:
-        for c in observers:
-            stack.enter_context(c.observe(model, targets))
         acc = stack.enter_context(grad_accumulators(targets)) if n_tokens is not None else None
         if acc is None:
             stack.enter_context(torch.no_grad())
-        for batch in batches(windows, batch_size, input_device(model), desc):
+        with contextlib.ExitStack() as observing:
             for c in observers:
-                c.before_batch(batch)
-            if acc is None:
-                model(input_ids=batch, use_cache=False)
-            else:
-                (nll_sum(model, batch) / n_tokens).backward()
+                observing.enter_context(c.observe(model, targets))
+            done = 0
+            for batch in batches(windows, batch_size, input_device(model), desc):
+                for c in observers:
+                    c.before_batch(batch)
+                if acc is None:
+                    model(input_ids=batch, use_cache=False)
+                else:
+                    (nll_sum(model, batch) / n_tokens).backward()
+                done += 1
+        for _ in range(done, steps):  # observers detached: a dummy batch adds to no statistic
+            dummy_step(model, backward=acc is not None)
     return acc
 
 
@@ -123,18 +130,21 @@ def score_metrics(metrics: list[str], model: torch.nn.Module, targets: list[Targ
     desc = "+".join(metrics)
     sums: dict[str, Scores] = {}
     backward = bool(readers["batch"])
+    # a sharded model (--shard fsdp) needs the same number of forward calls on every rank
+    steps = distributed.steps(len(windows), batch_size) if distributed.sharded(model) else 0
     if observers and backward and ctx.recomputes_forward:
-        forward_pass(model, targets, local, batch_size, observers, None, desc)
+        forward_pass(model, targets, local, batch_size, observers, None, desc, steps)
         observers = []
     if observers or backward:
         n_tokens = ctx.n_windows * (local.shape[1] - 1) if backward else None
-        acc = forward_pass(model, targets, local, batch_size, observers, n_tokens, desc)
+        acc = forward_pass(model, targets, local, batch_size, observers, n_tokens, desc, steps)
         if acc is not None:
             sums["batch"] = acc
     if readers["window_sq"]:
         sums["window_sq"] = window_pass(model, targets, local, desc)
-    for acc in sums.values():
-        distributed.all_reduce_sum(acc.values())
+    if not distributed.sharded(model):  # sharded: FSDP's reduce-scatter summed each gradient over the ranks
+        for acc in sums.values():
+            distributed.all_reduce_sum(acc.values())
     for c in collectors.values():
         c.own_passes(model, targets, local, batch_size)
         c.reduce()
@@ -142,11 +152,14 @@ def score_metrics(metrics: list[str], model: torch.nn.Module, targets: list[Targ
     for m, c in collectors.items():
         scores = {t.name: c.score(t, lambda s, _n=t.name, _m=m: store.take(s, _m, _n)) for t in targets}
         store.done(m)
-        for name, s in scores.items():
-            # scores are >= 0, so one float64 sum is finite exactly when every entry is (NaN and inf
-            # propagate, and no float64 sum of finite fp32 values overflows); no bool tensor needed
-            if not math.isfinite(float(s.sum(dtype=torch.float64))):
-                raise FloatingPointError(f"non-finite {m} scores in {name}")
+        # scores are >= 0, so one float64 sum is finite exactly when every entry is (NaN and inf
+        # propagate, and no float64 sum of finite fp32 values overflows); no bool tensor needed.  Under
+        # --shard fsdp each rank holds some rows: every rank learns whether any rank saw one.
+        bad = [name for name, s in scores.items() if not math.isfinite(float(s.sum(dtype=torch.float64)))]
+        if distributed.sharded(model) and distributed.any_rank(bool(bad)):
+            raise FloatingPointError(f"non-finite {m} scores{' in ' + bad[0] if bad else ' on another rank'}")
+        if bad:
+            raise FloatingPointError(f"non-finite {m} scores in {bad[0]}")
         extra = c.ctx.extra_stats
         del c
         collectors[m] = None  # its accumulators go with it before the next metric is scored

@@ -131,6 +131,7 @@ class Metric:
     aliases: tuple[str, ...] = ()
     can_score: Callable[[Target], str | None] | None = None  # why a target cannot be scored, or None
     options: tuple[Option, ...] = ()  # settings it reads from MetricContext (flags of esa_runner)
+    not_on_shards: str | None = None  # why it cannot score a model sharded by --shard fsdp (None: it can)
 
     def record(self) -> dict:
         """The JSON-ready description written to config.json."""
@@ -139,10 +140,14 @@ class Metric:
 
 METRICS: Registry[Metric] = Registry("metric")
 
+# Why the metrics that square per-window gradients cannot score a model sharded by --shard fsdp
+PER_WINDOW_SQUARES = ("it squares each window's gradient, but on FSDP shards a backward's gradient reaches each "
+                      "rank already summed over the ranks (the square of a sum is not the sum of squares)")
+
 
 def metric(name: str, *, help: str, unit: str, needs: tuple[str, ...], aliases: tuple[str, ...] = (),
-           can_score: Callable[[Target], str | None] | None = None, options: tuple[Option, ...] = ()
-           ) -> Callable[[type[Collector]], type[Collector]]:
+           can_score: Callable[[Target], str | None] | None = None, options: tuple[Option, ...] = (),
+           not_on_shards: str | None = None) -> Callable[[type[Collector]], type[Collector]]:
     """Register the decorated :class:`Collector` subclass as metric ``name`` (a duplicate name is an error);
     ``options``: the settings it reads (``esa_runner`` turns each into a flag)."""
     unknown = set(needs) - set(NEEDS)
@@ -156,7 +161,8 @@ def metric(name: str, *, help: str, unit: str, needs: tuple[str, ...], aliases: 
         clash = [o.name for o in options if o.name in taken]
         if clash:
             raise ValueError(f"metric {name!r}: options {clash} are already declared by another metric")
-        METRICS.add(name, Metric(name, cls, help, unit, frozenset(needs), aliases, can_score, options), aliases)
+        METRICS.add(name, Metric(name, cls, help, unit, frozenset(needs), aliases, can_score, options, not_on_shards),
+                    aliases)
         return cls
     return deco
 

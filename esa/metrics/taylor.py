@@ -14,18 +14,19 @@ run (``--metric a,b,c``) it adds no pass at all.
 
 from __future__ import annotations
 
-from esa.metrics.registry import Collector, metric
+from esa.metrics.registry import PER_WINDOW_SQUARES, Collector, metric
 
 
 @metric("taylor2", aliases=("llm_pruner", "second_order_taylor"), needs=("forward", "backward", "per_window"),
         help="|g*w - 0.5*F*w^2|, g = mean gradient, F = empirical Fisher diagonal over windows "
              "(LLM-Pruner's second-order Taylor importance, Ma et al. 2023)",
-        unit="|g·w − ½F·w²| (nats; second-order loss change)")
+        unit="|g·w − ½F·w²| (nats; second-order loss change)",
+        not_on_shards=PER_WINDOW_SQUARES)
 class Taylor2(Collector):
     gradients = ("batch", "window_sq")
 
     def score(self, t, grads):
-        w = t.param.detach().float()
+        w = t.local().float()
         g = grads("batch")  # in place: the accumulators become the score
         fisher = grads("window_sq").div_(self.ctx.n_windows)
         return g.mul_(w).sub_(fisher.mul_(w).mul_(w).mul_(0.5)).abs_()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from esa.errors import UsageError
+from esa.model.distributed import launched as torchrun_launched
 from esa.options import opt
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -38,10 +39,29 @@ class DistributedSpec:
                         "full")
     gradient_checkpointing: bool = opt(False, "recompute each decoder block in backward instead of storing its "
                                        "activations (long contexts; gradient metrics only; same scores, slower)")
+    shard: str | None = opt(None, "fsdp: under torchrun, shard every weight over all ranks with PyTorch FSDP2 (each "
+                            "rank holds 1/W of the weights, gradients and scores; one node or several); see README "
+                            "'Large models'", choices=("fsdp",))
 
 
-def validate_distributed(spec: DistributedSpec, torchrun: bool) -> None:
-    """Raise UsageError for a combination that cannot run (``torchrun``: launched with several ranks)."""
+SHARD_LAUNCH = ("torchrun --nproc_per_node N esa_runner.py --shard fsdp ... (several nodes: --nnodes M --node_rank R "
+                "--rdzv_backend c10d --rdzv_endpoint HOST:PORT)")
+
+
+def validate_distributed(spec: DistributedSpec, torchrun: bool, launched: bool | None = None) -> None:
+    """Raise UsageError for a combination that cannot run (``torchrun``: launched with several ranks;
+    ``launched``: started by torchrun at all, one process included, read from the environment when None)."""
+    if spec.shard is not None:
+        if spec.shard != "fsdp":
+            raise UsageError(f"--shard only supports 'fsdp', got {spec.shard!r}")
+        if spec.device_map is not None:
+            raise UsageError("--shard fsdp cannot be combined with --device-map: sharding already spreads the model "
+                             "over all ranks' devices; use one or the other")
+        if not (launched if launched is not None else torchrun_launched()):
+            raise UsageError(f"--shard fsdp needs torchrun (one process per device: {SHARD_LAUNCH})")
+        if spec.gradient_checkpointing:
+            raise UsageError("--gradient-checkpointing is not supported with --shard fsdp yet (FSDP already frees each "
+                             "block's gathered weights after use; lower --batch-size to save activation memory)")
     if spec.device_map not in (None, "auto"):
         raise UsageError(f"--device-map only supports 'auto', got {spec.device_map!r}")
     if spec.offload and spec.device_map is None:

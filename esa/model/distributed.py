@@ -9,17 +9,27 @@ identical reduced scores (and checked to agree); only rank 0 writes files and pr
 
 Backend: nccl for CUDA (one GPU per rank, ``cuda:$LOCAL_RANK``), gloo on CPU.  Without torchrun
 (no ``WORLD_SIZE`` > 1 in the environment) every function here is the single-process identity.
+
+Every collective waits at most ``$ESA_DIST_TIMEOUT_S`` seconds (default 600) for the other ranks, so a
+rank that stops making the same calls as the others (a crash, a mismatched loop) ends the run with an
+error instead of torch's default 30-minute hang.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as tdist
+
+from esa.errors import UsageError
+
+TIMEOUT_ENV = "ESA_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600
 
 
 def launched_world_size() -> int:
@@ -31,6 +41,12 @@ def launched_world_size() -> int:
 def requested() -> bool:
     """True when launched by torchrun (or any launcher) with more than one process."""
     return launched_world_size() > 1
+
+
+def launched() -> bool:
+    """True when started by torchrun (``RANK`` and ``WORLD_SIZE`` in the environment), with one
+    process or several; plain ``python`` sets neither."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def active() -> bool:
@@ -51,25 +67,49 @@ def is_main() -> bool:
 
 def local_device(device: str) -> str:
     """The device of this rank: ``cuda:$LOCAL_RANK`` for cuda under torchrun, else ``device``."""
-    if device == "cuda" and requested():
+    if device == "cuda" and launched():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return device
 
 
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective waits for the other ranks: ``$ESA_DIST_TIMEOUT_S`` seconds (default 600)."""
+    value = os.environ.get(TIMEOUT_ENV, "").strip() or str(DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise UsageError(f"{TIMEOUT_ENV}={value!r} must be a positive number of seconds (e.g. 600)")
+    return datetime.timedelta(seconds=seconds)
+
+
 @contextlib.contextmanager
-def process_group(device: str) -> Iterator[None]:
-    """Join the process group torchrun describes (nccl on cuda, gloo on cpu) and leave it after."""
-    if not requested() or active():
+def joined(device: str) -> Iterator[None]:
+    """Be a member of the process group torchrun describes (nccl on ``cuda:N``, gloo on cpu) for the
+    block, with :func:`collective_timeout`; one process counts too.  A group that already exists
+    (created by the caller) is used as it is and left alone."""
+    if tdist.is_initialized():
         yield
         return
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
-    tdist.init_process_group(backend=backend)
+    tdist.init_process_group(backend=backend, timeout=collective_timeout())
     try:
         yield
     finally:
         tdist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[None]:
+    """Join the process group torchrun describes when it started several processes, and leave it after."""
+    if not requested():
+        yield
+        return
+    with joined(device):
+        yield
 
 
 def shard_bounds(n: int) -> tuple[int, int]:
@@ -99,6 +139,81 @@ def all_reduce_floats(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t.cpu().tolist()
+
+
+def all_reduce_ints(values: list[int]) -> list[int]:
+    """Sum int64 values over ranks (two's-complement wrap-around, as torch's own int64 sums)."""
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in one process.  For O(k) payloads
+    only (selection candidates, small records), never for per-weight data."""
+    if not active():
+        return [obj]
+    out: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (every rank gets the same answer, so all raise or none does)."""
+    if not active():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def sharded(obj) -> bool:
+    """Whether ``obj`` (a model or a parameter) is sharded over the ranks by FSDP2 (``--shard fsdp``):
+    every rank then holds only its rows of each weight (:mod:`esa.model.fsdp`).  Code that would
+    all-reduce gradients (FSDP already summed them) or assume whole tensors asks here."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(obj, (FSDPModule, DTensor))
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: the local rows of a sharded parameter or gradient (writes reach the
+    shard), ``t`` itself otherwise."""
+    return t.to_local() if sharded(t) else t
+
+
+def row_range(t: torch.Tensor) -> tuple[int, int]:
+    """``(start_row, n_rows)``: the rows ``[start_row, start_row + n_rows)`` of dim 0 this rank holds of
+    ``t``: all of them unless FSDP2 sharded it, which splits dim 0 as ``torch.chunk`` does (ceil(N / W)
+    rows per rank, the last ranks fewer or none)."""
+    if t.dim() == 0:
+        raise ValueError("a 0-dim tensor has no rows")
+    n = t.shape[0]
+    if not sharded(t):
+        return 0, n
+    from torch.distributed.tensor import Shard
+
+    if tuple(t.placements) != (Shard(0),):
+        raise ValueError(f"expected a DTensor sharded on dim 0, got placements {t.placements}")
+    chunk = -(-n // t.device_mesh.size())
+    start = min(t.device_mesh.get_local_rank() * chunk, n)
+    return start, min(chunk, n - start)
+
+
+def first_row(t: torch.Tensor) -> int:
+    """The global index (dim 0) of this rank's first local row of ``t`` (0 unless sharded)."""
+    return row_range(t)[0] if sharded(t) else 0
+
+
+def steps(n_windows: int, batch_size: int) -> int:
+    """Forward calls every rank makes over its share of ``n_windows`` in batches of ``batch_size``:
+    the largest share's count.  A sharded model all-gathers weights inside every forward, so every
+    rank must make the same number of calls (a rank with fewer real batches runs dummy ones)."""
+    most = -(-n_windows // world_size())
+    return -(-most // batch_size)
 
 
 def barrier() -> None:

@@ -118,19 +118,35 @@ class NLLTotal:
                 "nll_sum": self.nll_sum, "tokens": self.tokens}
 
 
+def dummy_step(model: torch.nn.Module, backward: bool) -> None:
+    """One forward (and backward of zero) of token id 0 alone, which changes no sum: the call a rank of a
+    sharded model makes when it has run out of batches, so that every rank joins the same collectives
+    (FSDP all-gathers each block's weights in its forward and reduce-scatters its gradients in backward).
+    A zero loss gives exactly zero gradients, which the accumulators add without effect."""
+    out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=input_device(model)), use_cache=False).logits
+    if backward:
+        (out.float().sum() * 0.0).backward()
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> dict:
     """``{"ppl", "mean_nll", "nll_sum", "tokens"}`` of ``model`` on ``windows`` ``[W, L]``.
 
     Every window predicts its ``L - 1`` next tokens (``n_context = 1``).  Under torchrun each rank
     scores its contiguous share and the float64 sums are all-reduced before the result, so every
-    rank returns the perplexity of all windows (and a NaN on any rank is a NaN on all of them).
+    rank returns the perplexity of all windows (and a NaN on any rank is a NaN on all of them); a
+    sharded model's ranks make the same number of forward calls (:func:`dummy_step`).
     """
     assert_eval(model)
     local, _ = distributed.shard(windows)
     total = NLLTotal()
+    done = 0
     for batch in batches(local, batch_size, input_device(model), "evaluate"):
         total.add(score_tokens(model, batch, [1] * batch.shape[0]))
+        done += 1
+    if distributed.sharded(model):  # every rank makes the same number of forward calls (FSDP all-gathers in each)
+        for _ in range(done, distributed.steps(len(windows), batch_size)):
+            dummy_step(model, backward=False)
     nll, tokens = distributed.all_reduce_floats([total.nll_sum, float(total.tokens)])
     total.nll_sum, total.tokens = nll, int(tokens)
     return total.result()

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import torch
 
+from esa.errors import UsageError
+
 
 def input_device(model: torch.nn.Module) -> torch.device:
     """Where token ids must go: the input embedding's device (the first device under a device map)."""
@@ -27,6 +29,18 @@ def model_record(model: torch.nn.Module) -> dict:
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
     }
+
+
+def decoder_blocks(model: torch.nn.Module, flag: str) -> list[torch.nn.Module]:
+    """The repeated decoder blocks, in module order, found generically from the class names
+    transformers lists as never-split (``_no_split_modules``) rather than from model-specific
+    attribute paths.  None found: a UsageError naming ``flag``, the option that needs them."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    # by the names of all its classes: fully_shard swaps a block's class for a subclass FSDP<Class>
+    blocks = [m for m in model.modules() if names.intersection(c.__name__ for c in type(m).__mro__)]
+    if not blocks:
+        raise UsageError(f"{flag}: cannot find this model's decoder blocks (it declares no _no_split_modules)")
+    return blocks
 
 
 def assert_eval(model: torch.nn.Module) -> None:

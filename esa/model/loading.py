@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -88,7 +89,7 @@ def convert_embedded() -> Path:
     return target
 
 
-def _source(model: str) -> tuple[str, dict]:
+def model_source(model: str) -> tuple[str, dict]:
     """Return the path or id to load and the extra from_pretrained kwargs."""
     if model.lower() in EMBEDDED_ALIASES:
         return str(convert_embedded()), {}
@@ -107,7 +108,45 @@ def _source(model: str) -> tuple[str, dict]:
 
 def prepare_source(model: str) -> None:
     """Do the one-time work of locating ``model`` (convert the embedded GGUF) without loading it."""
-    _source(model)
+    model_source(model)
+
+
+@contextlib.contextmanager
+def loading_errors(model: str, src: str) -> Iterator[bool]:
+    """Load from ``src`` (where :func:`model_source` resolved ``model``) inside the block: offline mode when
+    the hub is unreachable, and a failure to load (OSError, ValueError) becomes one UsageError line.
+    Yields whether the hub is reachable."""
+    online = True
+    # a local directory never touches the hub: skip the probe (and the imports it needs), which
+    # keeps the cached embedded model's load within about a second
+    hub = contextlib.nullcontext(True) if Path(src).is_dir() else offline_unless_reachable()
+    try:
+        with hub as online:
+            yield online
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "" if online else " (the Hugging Face Hub is unreachable, so only the local cache was tried)"
+        raise UsageError(f"cannot load model {model!r}{where}: {first}") from exc
+
+
+def load_tokenizer(src: str, kwargs: dict):
+    """The tokenizer of ``src`` (kwargs from :func:`model_source`), with a pad token always set."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, **kwargs)
+    if tok.pad_token is None:
+        # Windows are equal-length so padding never happens; a pad id is still set so that
+        # batching code and generation utilities never fail on it.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def frozen_eval(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` in eval mode with every parameter ``requires_grad=False`` (as every loader leaves it)."""
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
 
 
 def load_model(model: str, device: str, dtype: str, device_map: str | None = None, offload: bool = False):
@@ -116,33 +155,17 @@ def load_model(model: str, device: str, dtype: str, device_map: str | None = Non
     ``device_map="auto"`` spreads the model over the visible GPUs (and the CPU with ``offload``)
     with budgets that leave room for the fp32 score accumulators; see :mod:`esa.model.placement`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    src, kwargs = _source(model)
-    online = True
-    # a local directory never touches the hub: skip the probe (and the imports it needs), which
-    # keeps the cached embedded model's load within about a second
-    hub = contextlib.nullcontext(True) if Path(src).is_dir() else offline_unless_reachable()
-    try:
-        with hub as online:
-            tok = AutoTokenizer.from_pretrained(src, **kwargs)
-            if device_map is not None:
-                from esa.model.placement import load_dispatched
+    src, kwargs = model_source(model)
+    with loading_errors(model, src):
+        tok = load_tokenizer(src, kwargs)
+        if device_map is not None:
+            from esa.model.placement import load_dispatched
 
-                net = load_dispatched(src, kwargs, DTYPES[dtype], offload)
-            else:
-                net = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **kwargs)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        where = "" if online else " (the Hugging Face Hub is unreachable, so only the local cache was tried)"
-        raise UsageError(f"cannot load model {model!r}{where}: {first}") from exc
-    if tok.pad_token is None:
-        # Windows are equal-length so padding never happens; a pad id is still set so that
-        # batching code and generation utilities never fail on it.
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+            net = load_dispatched(src, kwargs, DTYPES[dtype], offload)
+        else:
+            net = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **kwargs)
     if device_map is None:
         net.to(device)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net, tok
+    return frozen_eval(net), tok

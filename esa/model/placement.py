@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from esa.errors import UsageError
+from esa.model.introspect import decoder_blocks
 
 log = logging.getLogger("esa")
 
@@ -121,13 +122,6 @@ def load_dispatched(src: str, kwargs: dict, dtype: torch.dtype, offload: bool):
     return net
 
 
-def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated decoder blocks, found generically from the class names transformers lists as
-    never-split (``_no_split_modules``) rather than from model-specific attribute paths."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
-
-
 @contextlib.contextmanager
 def checkpointed_blocks(model: torch.nn.Module) -> Iterator[int]:
     """Recompute each decoder block's activations in backward instead of storing them.
@@ -139,10 +133,7 @@ def checkpointed_blocks(model: torch.nn.Module) -> Iterator[int]:
     """
     from torch.utils.checkpoint import checkpoint
 
-    blocks = _blocks(model)
-    if not blocks:
-        raise UsageError("--gradient-checkpointing: cannot find this model's decoder blocks "
-                         "(it declares no _no_split_modules)")
+    blocks = decoder_blocks(model, "--gradient-checkpointing")
     saved: list[tuple[torch.nn.Module, object]] = []
     try:
         for block in blocks:

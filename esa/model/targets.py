@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from esa.errors import UsageError
+from esa.model import distributed
 from esa.naming import compile_patterns
 
 SCOPES = ("matrices", "all")
@@ -47,6 +48,7 @@ class Use:
     module: nn.Module
     kind: str
     in_axis: int | None
+    attr: str = "weight"  # the module attribute holding it (FSDP swaps in the gathered tensor there in forward)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,19 @@ class Target:
     def axis(self, role: str) -> int | None:
         """The axis playing ``role`` ("out", "in", "expert"), or None."""
         return self.layout.index(role) if role in self.layout else None
+
+    def local(self) -> torch.Tensor:
+        """This rank's rows of the weight (all of it unless ``--shard fsdp`` split it on dim 0), detached;
+        writes reach the stored weight."""
+        return distributed.local(self.param).detach()
+
+    def local_rows(self, v: torch.Tensor) -> torch.Tensor:
+        """``v`` (broadcastable against the whole weight) cut to this rank's rows where it spans dim 0,
+        so that it broadcasts against :meth:`local`."""
+        if not distributed.sharded(self.param) or v.dim() < self.param.dim() or v.shape[0] != self.shape[0]:
+            return v
+        start = distributed.first_row(self.param)
+        return v[start:start + self.local().shape[0]]
 
 
 @functools.cache
@@ -142,7 +157,8 @@ def find_targets(model: nn.Module, include: tuple[str, ...] = (), exclude: tuple
             kind = _kind(module) if attr == "weight" else None
             lay = kind[1] if kind else _parameter_layout(module, param)
             layout = layout or lay
-            uses.append(Use(mname, module, kind[0] if kind else "parameter", lay.index("in") if "in" in lay else None))
+            uses.append(Use(mname, module, kind[0] if kind else "parameter", lay.index("in") if "in" in lay else None,
+                            attr))
         out.append(Target(canonical[id(param)], param, tuple(uses), tuple(names), layout))
     if not out:
         raise UsageError("no target weights left after --include/--exclude "
@@ -171,5 +187,11 @@ def coverage(model: nn.Module, targets: list[Target], excluded: dict[str, str] |
 
 
 def flat_view(param: torch.Tensor) -> torch.Tensor:
-    """A 1-D view sharing storage with ``param`` (flat index = row-major index)."""
-    return param.data.view(-1)
+    """A 1-D view sharing storage with this rank's rows of ``param`` (flat index = row-major index,
+    minus :func:`flat_offset` when ``--shard fsdp`` split it)."""
+    return (param.to_local() if distributed.sharded(param) else param.data).view(-1)
+
+
+def flat_offset(param: torch.Tensor) -> int:
+    """The whole weight's flat index of :func:`flat_view`'s element 0 (0 unless sharded)."""
+    return distributed.first_row(param) * (param.numel() // param.shape[0]) if param.dim() and param.shape[0] else 0

@@ -63,10 +63,27 @@ class WeightInputs(TorchFunctionMode):
         self.probe = probe  # record the axis each read takes its input features from, check and sum nothing
         self.read_axes: dict[str, int] = {}
         self.targets = {id(t.param): t for t in targets}
+        # under --shard fsdp a module's attribute holds a gathered tensor (a new object) during its forward,
+        # so the weights are looked up again as each owner's forward starts (rebind)
+        self.owned = {id(u.module): [] for t in targets for u in t.uses}
+        for t in targets:
+            for u in t.uses:
+                self.owned[id(u.module)].append((u.attr, t))
+        self.bound: dict[tuple[int, str], int] = {}
         self.sums = {t.name: torch.zeros(input_shape(t), dtype=torch.float32, device=t.param.device) for t in targets}
         self.observed: set[str] = set()
         self.slices: dict[int, tuple[Target, int, torch.Tensor]] = {}  # id(slice) -> (target, expert, slice)
         self.batch_shape: torch.Size | None = None
+
+    def rebind(self, module: torch.nn.Module) -> None:
+        """Watch the objects ``module``'s attributes hold now (the weights its forward reads)."""
+        for attr, t in self.owned.get(id(module), []):
+            now = getattr(module, attr, None)
+            if now is None or self.bound.get((id(module), attr)) == id(now):
+                continue
+            self.targets.pop(self.bound.get((id(module), attr)), None)
+            self.targets[id(now)] = t
+            self.bound[(id(module), attr)] = id(now)
 
     def _watched(self, w) -> tuple[Target, int | None] | None:
         t = self.targets.get(id(w))
@@ -128,7 +145,8 @@ def watching(model: torch.nn.Module, targets: list[Target], modules: list[torch.
     depth = [0]
     handles = []
 
-    def enter(_m, _args):
+    def enter(m, _args):
+        mode.rebind(m)
         if depth[0] == 0:
             mode.__enter__()
         depth[0] += 1

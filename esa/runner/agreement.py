@@ -9,7 +9,8 @@ import torch
 
 from esa.analysis.agreement import pair_key, spearman
 from esa.analysis.stability import jaccard
-from esa.experiment.selection import Selection
+from esa.experiment.selection import Selection, gather
+from esa.experiment.sharded import Split
 
 
 def union_indices(a: Selection, b: Selection) -> dict[str, torch.Tensor]:
@@ -20,18 +21,22 @@ def union_indices(a: Selection, b: Selection) -> dict[str, torch.Tensor]:
             for n in names}
 
 
-def values_at(scores: dict[str, torch.Tensor], where: dict[str, torch.Tensor]) -> np.ndarray:
-    """The scores at ``where`` (per tensor flat indices), concatenated in ``where``'s order (float64)."""
-    parts = [scores[n].reshape(-1)[i.to(scores[n].device)].double().cpu() for n, i in where.items() if len(i)]
-    return torch.cat(parts).numpy() if parts else np.zeros(0)
+def values_at(scores: dict[str, torch.Tensor], where: dict[str, torch.Tensor], split: Split | None = None
+              ) -> np.ndarray:
+    """The scores at ``where`` (per tensor flat indices), concatenated in ``where``'s order (float64);
+    ``split``: each rank holds some rows (--shard fsdp), each value is read where it lies."""
+    picked = gather(scores, {n: i for n, i in where.items() if len(i)}, split)
+    return torch.cat([v.double() for v in picked.values()]).numpy() if picked else np.zeros(0)
 
 
-def seed_agreement(scores: dict[str, dict[str, torch.Tensor]], tops: dict[str, Selection]) -> dict[str, dict]:
+def seed_agreement(scores: dict[str, dict[str, torch.Tensor]], tops: dict[str, Selection],
+                   split: Split | None = None) -> dict[str, dict]:
     """``{pair_key(a, b): {"jaccard", "spearman_on_union", "union"}}`` for every pair in ``scores`` order."""
     out = {}
     for a, b in itertools.combinations(list(scores), 2):
         where = union_indices(tops[a], tops[b])
         out[pair_key(a, b)] = {"jaccard": jaccard(tops[a], tops[b]),
-                               "spearman_on_union": spearman(values_at(scores[a], where), values_at(scores[b], where)),
+                               "spearman_on_union": spearman(values_at(scores[a], where, split),
+                                                             values_at(scores[b], where, split)),
                                "union": sum(len(i) for i in where.values())}
     return out

@@ -53,7 +53,8 @@ def run(cfg: RunConfig) -> RunResult:
     m = cfg.model
     choice = resolve_device(m.device, m.device_explicit, m.dtype, m.dtype_explicit)
     device = distributed.local_device(choice.device)
-    with distributed.process_group(device):
+    # --shard fsdp: a device mesh of every rank (FSDP2); otherwise plain data parallelism (or one process)
+    with _group(cfg, device) as mesh:
         is_main = distributed.is_main()
         out = cfg.output
         out_dir = Path(out.out_dir) if out.out_dir else default_run_dir(cfg)
@@ -74,24 +75,42 @@ def run(cfg: RunConfig) -> RunResult:
         manifest = Manifest(out_dir, write=is_main, resume=skips)
         try:
             with manifest.recording():
-                ctx = load(cfg, choice, device, out_dir, manifest)
+                ctx = load(cfg, choice, device, out_dir, manifest, mesh)
                 return _run(ctx)
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
 
-def load(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manifest: Manifest) -> RunContext:
-    """Model, targets, data and evaluators, checked before any scoring (a bad k or bit fails in seconds)."""
+def _group(cfg: RunConfig, device: str):
+    """The process group of the run: a device mesh of every rank for ``--shard fsdp`` (yields the mesh),
+    plain data parallelism under torchrun, or nothing in one process (yields None)."""
+    if cfg.distributed.shard:
+        from esa.model import fsdp
+
+        return fsdp.process_mesh(device)
+    return distributed.process_group(device)
+
+
+def load(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manifest: Manifest, mesh=None
+         ) -> RunContext:
+    """Model, targets, data and evaluators, checked before any scoring (a bad k or bit fails in seconds);
+    ``mesh``: the device mesh of ``--shard fsdp`` (the model is then loaded shard by shard)."""
     is_main = distributed.is_main()
     with manifest.phase("load_model"):
-        log.info("loading model %s on %s in %s", cfg.model.model, device, choice.dtype)
+        log.info("loading model %s on %s in %s%s", cfg.model.model, device, choice.dtype,
+                 f", sharded over {distributed.world_size()} ranks" if cfg.distributed.shard else "")
         if distributed.active():  # rank 0 converts the embedded model once; the others wait for it
             if is_main:
                 loading.prepare_source(cfg.model.model)
             distributed.barrier()
-        model, tok = loading.load_model(cfg.model.model, device, choice.dtype, cfg.distributed.device_map,
-                                        cfg.distributed.offload)
+        if cfg.distributed.shard:
+            from esa.model import fsdp  # torch.distributed's FSDP only for a sharded run
+
+            model, tok = fsdp.load_sharded(cfg.model.model, device, choice.dtype, mesh)
+        else:
+            model, tok = loading.load_model(cfg.model.model, device, choice.dtype, cfg.distributed.device_map,
+                                            cfg.distributed.offload)
     targets, excluded = scorable_targets(cfg, model)
     for name in cfg.experiment.enabled():  # e.g. quantization: the Top-K is chosen among the quantized weights
         targets, skipped = EXPERIMENTS[name].restrict(model, targets, bool(cfg.scoring.include))
@@ -195,7 +214,7 @@ def _seed(ctx: RunContext, seed: int, primary: bool) -> SeedScores:
     if ctx.cfg.output.resume and (done := checkpoint.load_seed(ctx.out_dir, seed)) is not None:
         log.info("seed %d: selections read from its checkpoint (not scored again)", seed)
         return done
-    scored = score_seed(ctx, seed, write_stats=primary and ctx.is_main)
+    scored = score_seed(ctx, seed, write_stats=primary)  # every rank takes part in sharded statistics
     if ctx.is_main:
         checkpoint.save_seed(ctx.out_dir, seed, scored)
     fault_point(f"seed_done:{seed}")  # tests: killed right after a seed's checkpoint

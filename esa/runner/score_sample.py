@@ -10,29 +10,60 @@ import numpy as np
 import torch
 
 from esa.analysis.score_sample import BULK_PER_TENSOR, TAIL
+from esa.experiment import sharded
 from esa.experiment.selection import Selection
+from esa.experiment.sharded import Split
 from esa.naming import MODULE_TYPES, module_type
 from esa.outdir.atomic import atomic_write_bytes
 
 
+class Reader:
+    """One tensor's scores as a whole: this process's, or (``split``: --shard fsdp) every rank's rows read
+    through O(sample) exchanges, so the sample is the one a single process draws."""
+
+    def __init__(self, flat: torch.Tensor, name: str, split: Split | None) -> None:
+        self.flat, self.name, self.split = flat, name, split
+        self.n = flat.numel() if split is None else split.numel(name)
+
+    def top(self, m: int) -> np.ndarray:
+        """The ``m`` largest scores (descending)."""
+        mine = torch.topk(self.flat, min(m, self.flat.numel())).values.float().cpu()
+        if self.split is None:
+            return mine.numpy()
+        return -np.sort(-np.concatenate([v.numpy() for v in self.split.exchange(mine)]))[:m]
+
+    def at(self, idx: np.ndarray | None) -> np.ndarray:
+        """The scores at flat indices ``idx`` (None: every score, in flat order)."""
+        if self.split is None:
+            picked = self.flat if idx is None else self.flat[torch.from_numpy(idx).to(self.flat.device)]
+            return picked.float().cpu().numpy()
+        if idx is None:  # the ranks' rows in rank order are the flat order
+            return np.concatenate([v.numpy() for v in self.split.exchange(self.flat.float().cpu())])
+        got = sharded.gather({self.name: self.flat}, self.split.shards, {self.name: torch.from_numpy(idx)},
+                             self.split.exchange)
+        return got[self.name].numpy()
+
+    def nonpositive(self) -> int:
+        mine = int((self.flat <= 0).sum())
+        return mine if self.split is None else int(sum(self.split.exchange(mine)))
+
+
 def sample_scores(scores: dict[str, torch.Tensor], names: list[str], rng: np.random.Generator,
-                  tail: int = TAIL, bulk: int = BULK_PER_TENSOR) -> dict[str, np.ndarray]:
+                  tail: int = TAIL, bulk: int = BULK_PER_TENSOR, split: Split | None = None) -> dict[str, np.ndarray]:
     """The npz arrays described in the module docstring (without threshold entries)."""
     acc: dict[str, dict] = {}
     for name in names:
-        flat = scores[name].reshape(-1)
-        n = flat.numel()
+        r = Reader(scores[name].reshape(-1), name, split)
         a = acc.setdefault(module_type(name), {"tail": [], "bulk": [], "w": [], "count": 0, "nonpos": 0})
-        a["tail"].append(torch.topk(flat, min(tail, n)).values.float().cpu().numpy())
-        if n <= bulk:
-            vals, w = flat.float().cpu().numpy(), 1.0
+        a["tail"].append(r.top(tail))
+        if r.n <= bulk:
+            vals, w = r.at(None), 1.0
         else:
-            idx = torch.from_numpy(rng.integers(0, n, size=bulk, dtype=np.int64)).to(flat.device)
-            vals, w = flat[idx].float().cpu().numpy(), n / bulk
+            vals, w = r.at(rng.integers(0, r.n, size=bulk, dtype=np.int64)), r.n / bulk
         a["bulk"].append(vals)
         a["w"].append(np.full(len(vals), w, dtype=np.float64))
-        a["count"] += n
-        a["nonpos"] += int((flat <= 0).sum())
+        a["count"] += r.n
+        a["nonpos"] += r.nonpositive()
     types = [t for t in MODULE_TYPES if t in acc]
     out: dict[str, np.ndarray] = {"types": np.array(types),
                                   "count": np.array([acc[t]["count"] for t in types], dtype=np.int64),
@@ -47,10 +78,13 @@ def sample_scores(scores: dict[str, torch.Tensor], names: list[str], rng: np.ran
     return out
 
 
-def write_score_sample(path: Path, scores: dict[str, torch.Tensor], names: list[str], top: Selection,
-                       rng: np.random.Generator, meta: dict) -> None:
-    """Write ``score_distribution.npz`` for one seed; ``meta`` (metric, mode, k, seed) is stored too."""
-    arrays = sample_scores(scores, names, rng)
+def write_score_sample(path: Path | None, scores: dict[str, torch.Tensor], names: list[str], top: Selection,
+                       rng: np.random.Generator, meta: dict, split: Split | None = None) -> None:
+    """Write ``score_distribution.npz`` for one seed; ``meta`` (metric, mode, k, seed) is stored too.
+    ``split`` (--shard fsdp): every rank takes part in the sample; only a rank given a ``path`` writes."""
+    arrays = sample_scores(scores, names, rng, split=split)
+    if path is None:
+        return
     mins = {n: float(s.min()) for n, s in top.scores.items() if len(s)}
     arrays["topk_threshold"] = np.array(min(mins.values()) if mins else np.nan)
     arrays["threshold_names"] = np.array(list(mins))

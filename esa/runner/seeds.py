@@ -20,12 +20,14 @@ from esa.experiment import controls, selection
 from esa.experiment.perturb import PERTURBATIONS
 from esa.experiment.registry import SeedSelections
 from esa.experiment.rows import row_length
+from esa.experiment.sharded import Split
 from esa.metrics import MetricContext, Scored, score_metrics
 from esa.model import distributed
 from esa.model.placement import checkpointed_blocks
 from esa.model.targets import Target
 from esa.outdir import atomic
 from esa.outdir.journal import fault_point
+from esa.runner import shard_stats
 from esa.runner.agreement import seed_agreement
 from esa.runner.context import RunContext
 from esa.runner.score_sample import write_score_sample
@@ -89,7 +91,7 @@ def score_seed(ctx: RunContext, seed: int, write_stats: bool) -> SeedScores:
     agreement = None
     if cfg.multi:
         with manifest.phase("agreement"):
-            agreement = seed_agreement(kept, {m: r.top for m, r in results.items()})
+            agreement = seed_agreement(kept, {m: r.top for m, r in results.items()}, scores_split(targets))
     del kept  # only the selections outlive this function: memory stays flat in the number of seeds
     release_memory()
     return SeedScores(results, agreement)
@@ -106,15 +108,20 @@ def _select(view: RunContext, scored: Scored, seed: int, windows: list[int], wri
             distributed.check_same(f"the {cfg.metric} selections of seed {seed}", repr(
                 [(k, top_k.ranked(names), {c: s.ranked(names) for c, s in ctl.items()})
                  for k, (top_k, ctl) in sorted(chosen_k.items())]).encode())
-    if write_stats:
+    split = scores_split(view.targets)
+    if write_stats and (view.is_main or split is not None):  # split: every rank takes part, rank 0 writes
         with view.manifest.phase("stats"):
-            stats = all_stats(scores, {t.name: t.shape for t in view.targets})
+            shapes = {t.name: t.shape for t in view.targets}
+            stats = all_stats(scores, shapes) if split is None else shard_stats.all_stats(scores, shapes)
             for name, extra in scored.extra_stats.items():
                 stats[name].update(extra)
-            view.out_dir.mkdir(parents=True, exist_ok=True)
-            write_score_sample(view.out_dir / "score_distribution.npz", scores, names, top,
-                               numpy_rng(seed, "score_sample"),
-                               {"metric": cfg.metric, "mode": view.mode, "k": view.topk, "seed": seed})
+            if view.is_main:
+                view.out_dir.mkdir(parents=True, exist_ok=True)
+            write_score_sample(view.out_dir / "score_distribution.npz" if view.is_main else None, scores, names,
+                               top, numpy_rng(seed, "score_sample"),
+                               {"metric": cfg.metric, "mode": view.mode, "k": view.topk, "seed": seed}, split)
+        if not view.is_main:
+            return SeedSelections(seed, top, controls, windows, sweep)
         atomic.write_json(view.out_dir / "sensitivity_stats.json", {"metric": cfg.metric, "seed": seed,
                                                                     "tensors": stats})
         view.manifest.add_file("sensitivity_stats.json")
@@ -122,11 +129,22 @@ def _select(view: RunContext, scored: Scored, seed: int, windows: list[int], wri
     return SeedSelections(seed, top, controls, windows, sweep)
 
 
+def scores_split(targets: list[Target]) -> Split | None:
+    """Under ``--shard fsdp``: where this rank's score rows sit in each whole tensor, and the ranks'
+    all-gather (:mod:`esa.experiment.sharded`); None when every rank holds whole tensors."""
+    if not any(distributed.sharded(t.param) for t in targets):
+        return None
+    return Split({t.name: (t.shape, distributed.first_row(t.param)) for t in targets}, distributed.all_gather_object)
+
+
 def control_context(cfg: RunConfig, targets: list[Target]) -> controls.ControlContext:
-    """The weights, and whether the perturbation leaves exact zeros unchanged (bottom_k's eligibility)."""
+    """The weights (this rank's rows), whether the perturbation leaves exact zeros unchanged (bottom_k's
+    eligibility), and under --shard fsdp the split and a way to gather one whole weight."""
     perturb = cfg.experiment.options.perturb
     zeros_unchanged = perturb is not None and not PERTURBATIONS[perturb].changes_zero
-    return controls.ControlContext({t.name: t.param for t in targets}, zeros_unchanged, in_axes(targets))
+    by_name = {t.name: t for t in targets}
+    return controls.ControlContext({t.name: t.local() for t in targets}, zeros_unchanged, in_axes(targets),
+                                   scores_split(targets), lambda n: by_name[n].param.full_tensor().detach())
 
 
 def in_axes(targets: list[Target]) -> dict[str, int | None]:
@@ -146,7 +164,8 @@ def select_all(cfg: RunConfig, scores: dict[str, torch.Tensor], names: list[str]
     """
     mode, topk, o = cfg.scoring.mode, cfg.scoring.topk, cfg.experiment.options
     ks = sorted({topk, *o.topk_sweep})
-    top_max = selection.top_k(scores, names, ks[-1], mode, need=room(cfg), in_axes=cctx.in_axes if cctx else None)
+    top_max = selection.top_k(scores, names, ks[-1], mode, need=room(cfg), in_axes=cctx.in_axes if cctx else None,
+                              split=cctx.split if cctx else None)
     nested = {c: controls.control(c, scores, names, ks[-1], mode, top_max, None, cctx)  # deterministic
               for c in o.controls if controls.CONTROLS[c].nested}
     out = {}

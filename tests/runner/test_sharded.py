@@ -1,0 +1,107 @@
+"""--shard fsdp end to end: torchrun with 1, 2 and 4 CPU processes (gloo) gives the single process's
+Top-K, controls and perturbation results on tiny Llama, MoE (qwen3_moe) and GPT-2 models, for
+per_layer, per_row and global, with two metrics, a sweep and two seeds; bad inputs are exit 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import esa_runner
+from tests.model_families import family_dir
+from tests.realmodels import REPO
+from tests.runner.sharded_driver import CONFIGS, FAMILIES, argv
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+REL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    for family in FAMILIES:
+        family_dir(family, root / family)
+    return root
+
+
+@pytest.fixture(scope="module")
+def single(models, tmp_path_factory):
+    """Every configuration run by one plain process."""
+    root = tmp_path_factory.mktemp("single")
+    for name, (family, mode) in CONFIGS.items():
+        assert esa_runner.main(argv(models / family, mode, root / name)) == 0, name
+    return root
+
+
+def top_rows(out) -> list[dict]:
+    with open(out / "top_weights.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def selections(out, seed: int) -> dict[str, np.ndarray]:
+    with np.load(out / "checkpoints" / f"seed_{seed}.npz") as z:
+        return {k: z[k] for k in z.files if k.endswith("/indices")}
+
+
+def close(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or abs(a - b) <= REL * max(abs(a), abs(b))
+    return a == b
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_sharded_runs_equal_the_single_process(models, single, tmp_path, world):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(world), str(REPO / "tests" / "runner" / "sharded_driver.py"), str(tmp_path),
+                           str(models)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in CONFIGS:
+        for metric in ("grad_x_weight", "act_mag"):
+            a, b = single / name / "metrics" / metric, tmp_path / name / "metrics" / metric
+            ra, rb = top_rows(a), top_rows(b)
+            assert [(r["seed"], r["rank"], r["parameter"], r["index"]) for r in ra] == [
+                (r["seed"], r["rank"], r["parameter"], r["index"]) for r in rb], (name, metric)
+            assert all(close(float(x["score"]), float(y["score"])) for x, y in zip(ra, rb)), (name, metric)
+            for seed in (0, 1):  # every control of every k: the same weights
+                sa, sb = selections(single / name, seed), selections(tmp_path / name, seed)
+                assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa), (name, seed)
+            pa = json.loads((a / "perturbation_results.json").read_text())
+            pb = json.loads((b / "perturbation_results.json").read_text())
+            assert close(pa["per_seed"], pb["per_seed"]) and close(pa["sweep"], pb["sweep"]), (name, metric)
+            sta = json.loads((a / "sensitivity_stats.json").read_text())["tensors"]
+            stb = json.loads((b / "sensitivity_stats.json").read_text())["tensors"]
+            assert close(sta, stb), (name, metric)
+        agreement = [json.loads((root / name / "metric_agreement.json").read_text()) for root in (single, tmp_path)]
+        assert close(*agreement)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert config["resolved"]["world_size"] == world and config["config"]["shard"] == "fsdp"
+        assert config["fingerprints"]["model_weights"] == json.loads(
+            (single / name / "config.json").read_text())["fingerprints"]["model_weights"]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--shard", "fsdp"], "--shard fsdp needs torchrun"),
+    (["--shard", "fsdp", "--device-map", "auto"], "cannot be combined with --device-map"),
+])
+def test_bad_shard_flags_exit_2(extra, needle, capsys):
+    assert esa_runner.main(["--dry-run", "--device", "cpu", *extra]) == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("metric", ["grad_squared", "taylor2", "hessian_diag", "hutchinson_diag"])
+def test_a_metric_that_cannot_run_on_shards_is_named(metric, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert esa_runner.main(["--dry-run", "--device", "cpu", "--shard", "fsdp", "--metric", metric]) == 2
+    assert f"--shard fsdp cannot score with {metric}" in capsys.readouterr().err
