@@ -117,8 +117,15 @@ def resume_config(cfg: RunConfig, config_json: dict, given: dict[str, str]) -> R
 
 
 def _show(value) -> str:
-    """A recorded setting as the config holds it (lists as tuples)."""
-    return repr(tuple(value) if isinstance(value, list) else value)
+    """A setting as a user types it: ``grad_x_weight,act_mag`` for a list, ``on``/``off`` for a switch,
+    ``unset`` for an unset value (never a Python repr such as ``('grad_x_weight',)``)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(_show, value)) or "none"
+    return str(value)
 
 
 def default_run_dir(cfg: RunConfig) -> Path:

@@ -1,4 +1,4 @@
-"""``python -m esa.report OUT_DIR``: redraw the plots and rewrite report.md of an out-dir (kept at this
+"""``python -m esa.report OUT_DIR``: rebuild the figures and report.md of an out-dir (kept at this
 path for old commands; the code lives in :mod:`esa.cli.report`).
 
 May import: esa.cli.

@@ -155,7 +155,7 @@ def test_report_runs_without_torch_or_transformers(tmp_path):
         import sys, runpy
         for name in ("torch", "transformers", "accelerate", "datasets"):
             sys.modules[name] = None  # import raises ImportError
-        sys.argv = ["esa.report", {str(out)!r}]
+        sys.argv = ["esa.report", {str(out)!r}, "--save-plots"]
         runpy.run_module("esa.report", run_name="__main__")
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -5,12 +5,17 @@ For every pair of metrics (a, b) and every seed, on that seed's calibration wind
 
 * ``jaccard``: |Top-K(a) ∩ Top-K(b)| / |Top-K(a) ∪ Top-K(b)| over weight identities (parameter
   name, flat index), as :func:`esa.analysis.stability.jaccard`;
-* ``spearman``: Spearman's rank correlation of a's and b's scores on the union of the two Top-Ks
-  (ties get average ranks), pooled over tensors; None when it is undefined (a constant side);
+* ``spearman_on_union``: Spearman's rank correlation of a's and b's scores on the union of the two
+  Top-Ks (ties get average ranks), pooled over tensors; None when it is undefined (a constant side).
+  Each Top-K is chosen by its own metric, so when the two barely overlap the union holds a's top
+  weights, which b scores low, and b's, which a scores low: the value is then negative.  It says the
+  metrics disagree about which weights are extreme, not that their scores are anti-correlated over
+  all weights.  (``scripts/compute_overlap.py`` reports another statistic: the correlation over the
+  weights *both* Top-Ks hold, :mod:`esa.analysis.overlap`);
 * ``union``: that union's size.
 
-Across seeds, ``jaccard_mean`` / ``spearman_mean`` are plain means (seeds with an undefined Spearman
-left out), and the ``*_matrix`` fields hold the means as symmetric metric × metric matrices (1 on the
+Across seeds, ``jaccard_mean`` / ``spearman_on_union_mean`` are plain means (seeds with an undefined
+Spearman left out), and the ``*_matrix`` fields hold the means as symmetric metric × metric matrices (1 on the
 diagonal) for the heatmap.
 """
 
@@ -20,6 +25,10 @@ import itertools
 import math
 
 import numpy as np
+
+NEGATIVE = ("each Top-K is chosen by its own metric, so when they barely overlap the union holds each metric's "
+            "top weights, which the other metric scores low: the metrics disagree about which weights are extreme "
+            "(not: their scores are anti-correlated over all weights)")
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -38,24 +47,25 @@ def pair_key(a: str, b: str) -> str:
 
 def agreement_summary(metrics: list[str], seeds: list[int], k: int, mode: str,
                       per_seed: dict[str, dict[str, dict]]) -> dict:
-    """``metric_agreement.json`` from ``per_seed[str(seed)][pair_key(a, b)] = {"jaccard", "spearman",
-    "union"}`` for every pair a before b in ``metrics`` order."""
+    """``metric_agreement.json`` from ``per_seed[str(seed)][pair_key(a, b)] = {"jaccard",
+    "spearman_on_union", "union"}`` for every pair a before b in ``metrics`` order."""
     pairs = []
     n = len(metrics)
     jac = [[1.0] * n for _ in range(n)]
     rho: list[list[float | None]] = [[1.0] * n for _ in range(n)]
     for (i, a), (j, b) in itertools.combinations(enumerate(metrics), 2):
         rows = [per_seed[str(s)][pair_key(a, b)] for s in seeds]
-        rhos = [r["spearman"] for r in rows if r["spearman"] is not None]
+        rhos = [r["spearman_on_union"] for r in rows if r["spearman_on_union"] is not None]
         entry = {"a": a, "b": b, "jaccard_mean": float(np.mean([r["jaccard"] for r in rows])),
-                 "spearman_mean": float(np.mean(rhos)) if rhos else None,
+                 "spearman_on_union_mean": float(np.mean(rhos)) if rhos else None,
                  "per_seed": {str(s): r for s, r in zip(seeds, rows)}}
         pairs.append(entry)
         jac[i][j] = jac[j][i] = entry["jaccard_mean"]
-        rho[i][j] = rho[j][i] = entry["spearman_mean"]
+        rho[i][j] = rho[j][i] = entry["spearman_on_union_mean"]
     return {"metrics": list(metrics), "seeds": list(seeds), "k": k, "mode": mode, "pairs": pairs,
-            "jaccard_matrix": jac, "spearman_matrix": rho,
+            "jaccard_matrix": jac, "spearman_on_union_matrix": rho,
             "definition": {"jaccard": "|A ∩ B| / |A ∪ B| of the two Top-K sets, weight = (parameter, flat index)",
-                           "spearman": "rank correlation of the two metrics' scores on the union of their Top-Ks "
-                                       "(pooled over tensors; average ranks for ties)",
+                           "spearman_on_union": "rank correlation of the two metrics' scores on the union of "
+                                                "their Top-Ks (pooled over tensors; average ranks for ties)",
+                           "negative_spearman_on_union": NEGATIVE,
                            "aggregation": "mean over seeds"}}

@@ -25,6 +25,10 @@ from scipy import stats
 def _describe(values: list[float]) -> dict:
     a = np.asarray(values, dtype=np.float64)
     finite = bool(np.isfinite(a).all())
+    if finite and (a == a[0]).all():  # one value (a seed-independent condition): exactly it, no spread;
+        # np.mean of 3 equal values can round to a neighbour, and std then reports that rounding (1e-13)
+        return {"mean": float(a[0]), "std": 0.0, "min": float(a[0]), "max": float(a[0]),
+                "values": [float(v) for v in a]}
     return {"mean": float(a.mean()) if finite else float(a.max()),  # inf when any seed is infinite
             "std": float(a.std(ddof=1)) if finite else None,  # undefined with an infinite value
             "min": float(a.min()), "max": float(a.max()), "values": [float(v) for v in a]}

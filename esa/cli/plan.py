@@ -94,6 +94,16 @@ def quantize_plan(cfg: RunConfig) -> str:
             + (f" x {len(cfg.scoring.metrics)} metrics" if cfg.multi else "") + ") + the unquantized baseline)")
 
 
+def _perturb_row(cfg: RunConfig) -> str | None:
+    """The perturbation, "none (scores and Top-K only)", or None (no row) when another experiment
+    (--quantize) measures the run's conditions: it has its own row."""
+    o = cfg.experiment.options
+    if not o.perturb:
+        return None if cfg.experiment.enabled() else "none (scores and Top-K only)"
+    bit = f" bit={o.bit_index if o.bit_index is not None else 'MSB of exponent'}" if o.perturb == "bit_flip" else ""
+    return f"{o.perturb} scale={o.perturb_scale} prob={o.perturb_prob}{bit}"
+
+
 def runner_plan(cfg: RunConfig) -> str:
     """The plan as text.  Machine-dependent facts (CUDA missing) are reported, not raised: the
     configuration is valid, this machine just could not run it."""
@@ -104,10 +114,7 @@ def runner_plan(cfg: RunConfig) -> str:
     conditions = ["top_k", *o.controls] if o.perturb else []
     if o.restore_activations:
         conditions = [c for name in conditions for c in (name, f"{name}+restored")]
-    perturb = "none (scores and Top-K only)" if not o.perturb else (
-        f"{o.perturb} scale={o.perturb_scale} prob={o.perturb_prob}"
-        + (f" bit={o.bit_index if o.bit_index is not None else 'MSB of exponent'}" if o.perturb == "bit_flip"
-           else ""))
+    perturb = _perturb_row(cfg)
     rows = [
         ("model", model),
         ("device", f"{choice.device}   dtype: {choice.dtype}" + _scale_out(cfg)),
@@ -115,7 +122,7 @@ def runner_plan(cfg: RunConfig) -> str:
         ("metric" if not cfg.multi else "metrics", f"{', '.join(s.metrics)}   mode: {s.mode}   k: {s.topk}"),
         ("seeds", f"{', '.join(map(str, s.seeds))} (primary {s.seeds[0]})"
          + ("; stability check" if s.stability_check else "")),
-        ("perturb", perturb),
+        *([("perturb", perturb)] if perturb else []),
         ("conditions", (', '.join(conditions) if conditions else 'see quantize' if o.quantize else '-')
          + (f"; dose-response over k = {', '.join(map(str, o.topk_sweep))}" if o.topk_sweep else "")),
         *([("quantize", quantize_plan(cfg))] if o.quantize else []),

@@ -1,7 +1,10 @@
-"""``python -m esa.report OUT_DIR``: redraw every plot and rewrite report.md from an out-dir's files.
+"""``python -m esa.report OUT_DIR [--save-plots]``: rebuild every figure and report an ESA tool wrote
+into OUT_DIR, from the out-dir's files alone (:mod:`esa.reporting.rebuild`).
 
-Reads the out-dir only: neither torch nor transformers is imported (a test runs it with both
-made unimportable).
+Works on the out-dir of an ESA run (single- or multi-metric) and of scripts/find_super_weights.py;
+anything else (a baseline_runner out-dir, which has no figure, or a folder of no tool) is one line on
+stderr and exit 2.  Neither torch nor transformers is imported, not even through
+:mod:`esa.cli.common` (a test runs it with both made unimportable).
 """
 
 from __future__ import annotations
@@ -11,36 +14,33 @@ import sys
 from pathlib import Path
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m esa.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", metavar="OUT_DIR", type=Path,
+                   help="the out-dir of an ESA run or of find_super_weights.py")
+    p.add_argument("--save-plots", action="store_true",
+                   help="also draw the score plots (plots/*.png) of a run made without --save-plots")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Redraw every plot and rewrite report.md of ``OUT_DIR``; the exit code (2: not a folder)."""
-    from esa.outdir.readers import read_json
-    from esa.reporting import (  # matplotlib only when re-plotting
-        metrics_report,
-        parts,
-        plots,
-        report_md,
-    )
+    """Rebuild the out-dir's figures and reports, printing each path; the exit code (2: bad input or
+    nothing to rebuild, one line on stderr)."""
+    from esa.errors import UsageError
 
     args = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python -m esa.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="the out-dir of an ESA run")
     try:
-        ns = parser.parse_args(args)
-    except SystemExit as exc:  # --help (0) or a usage error (2)
+        ns = build_parser().parse_args(args)
+    except SystemExit as exc:  # --help (0) or a usage error (2, argparse's own line)
         return int(exc.code or 0)
-    out_dir = Path(ns.out_dir)
-    if not out_dir.is_dir():
-        print(f"error: {out_dir} is not a folder (usage: python -m esa.report OUT_DIR)", file=sys.stderr)
-        return 2
-    config = read_json(out_dir, "config.json")
-    folders = list(metrics_report.metric_dirs(out_dir, config).values()) if metrics_report.is_multi(config) else []
-    for folder in folders:  # a multi-metric run: each metric's folder is a single-metric out-dir
-        for path in [*plots.make_plots(folder), *parts.figures(folder)]:
+    try:
+        if not ns.out_dir.is_dir():
+            raise UsageError(f"{ns.out_dir} is not a folder (usage: python -m esa.report OUT_DIR)")
+        from esa.reporting.rebuild import rebuild  # matplotlib only when there is something to draw
+
+        for path in rebuild(ns.out_dir, ns.save_plots):
             print(path)
-        print(report_md.write_report(folder))
-    redrawn = [metrics_report.agreement_heatmap(out_dir)] if folders else [*plots.make_plots(out_dir),
-                                                                            *parts.figures(out_dir)]
-    for path in redrawn:
-        print(path)
-    print(report_md.write_report(out_dir))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -148,8 +148,10 @@ def _same_inputs(ev: Evaluator, driver: Evaluator) -> bool:
 
 
 def _headline(record: dict) -> str:
-    """The number a log line quotes for a record (its first value)."""
-    return str(next(iter(record.values()), "")) if record else ""
+    """The number a log line quotes for a record (its first value), to 6 significant digits: a log
+    line is read, and the record keeps every digit."""
+    value = next(iter(record.values()), "") if record else ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def unchanged() -> AbstractContextManager[dict]:

@@ -136,6 +136,10 @@ class Quantization(Experiment):
             raise UsageError("--quantize: none of the selected weights is a linear weight to quantize")
         return keep, skipped
 
+    def __init__(self, view) -> None:
+        super().__init__(view)
+        self._keys: dict[str, set[str]] = {}  # condition name -> its evaluation keys over seeds and block sizes
+
     def conditions(self, sel: SeedSelections) -> Iterator[tuple[Hashable, Condition]]:
         sizes = {t.name: t.numel for t in self.view.targets}
         top = {n: i for n, i in sel.top.indices.items() if len(i)}
@@ -147,6 +151,7 @@ class Quantization(Experiment):
             spec = RTN(self.opts.bits, b, self.opts.clip_z)
             for name, protect in protections.items():
                 key = evaluation_key(("rtn", spec.bits, spec.block, spec.clip_z), protect)
+                self._keys.setdefault(name, set()).add(f"{b}|{key}")
                 yield str(b), Condition(name, key, lambda s=spec, p=protect: self._change(s, p),
                                         f"seed {sel.seed} block {b} {name}")
 
@@ -169,6 +174,8 @@ class Quantization(Experiment):
                "metric": v.metric, "mode": v.mode, "k": v.topk, "block_sizes": [str(b) for b in o.block_sizes],
                "eval_windows": v.eval_windows, "baseline": baseline, "seeds": list(rows), "per_seed": per_seed}
         if len(rows) >= 2:
+            # a condition whose key is the same on every seed (per block size) was measured once: no spread
+            out["evaluated_once"] = [n for n, keys in self._keys.items() if len(keys) == len(o.block_sizes)]
             out["summary"], out["tests"] = {}, {}
             for b in map(str, o.block_sizes):
                 by_seed = {s: per_seed[s][b] for s in per_seed}

@@ -1,11 +1,11 @@
 """Compare two out-dirs file by file, ignoring only what differs between two identical runs.
 
 Ignored: timestamps, timings, throughput, peak memory, the git SHA, the command line, the out-dir
-path and the manifest's record of resumes (keys in :data:`VOLATILE_KEYS`, at any depth of a JSON
-file), the run time quoted in report.md, the zip timestamps inside ``.npz`` files (their members
-are compared byte for byte instead) and the resume state in ``checkpoints/``.  Everything
-else, PNGs included, must be byte-identical.  Used to show that a refactoring or a resumed run
-reproduces an earlier run exactly: ``python scripts/compare_outdirs.py A B``.
+path, the manifest's record of its process and of resumes (keys in :data:`VOLATILE_KEYS`, at any
+depth of a JSON file), the run time and sessions quoted in report.md, the zip timestamps inside
+``.npz`` files (their members are compared byte for byte instead) and the resume state in
+``checkpoints/``.  Everything else, PNGs included, must be byte-identical.  Used to show that a
+refactoring or a resumed run reproduces an earlier run exactly: ``python scripts/compare_outdirs.py A B``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from pathlib import Path
 
 from esa.outdir.layout import CHECKPOINT_DIR
 
-VOLATILE_KEYS = frozenset({"started_at", "finished_at", "timings_s", "wall_time_s", "eval_wall_s", "tokens_per_s",
-                           "input_tokens_per_s", "peak_memory", "git_sha", "command", "out_dir", "resumes"})
-_REPORT_TIMING = re.compile(r"run (\w+) in [0-9.]+ s")
+VOLATILE_KEYS = frozenset({"started_at", "finished_at", "timings_s", "wall_time_s", "total_wall_time_s",
+                           "eval_wall_s", "tokens_per_s", "input_tokens_per_s", "peak_memory", "git_sha", "command",
+                           "out_dir", "resumes", "process"})
+# report.md's "run: success after 95 s" and, for a resumed run, its sessions (older reports: "run success in 95 s")
+_REPORT_TIMING = re.compile(r"run: (\w+) after [0-9.]+ s(?: over \d+ sessions \([^)]*\))?|run (\w+) in [0-9.]+ s")
 
 
 def _strip(obj):
@@ -35,7 +37,8 @@ def normalised(path: Path) -> bytes:
     if path.suffix == ".json":
         return json.dumps(_strip(json.loads(path.read_text(encoding="utf-8"))), sort_keys=True).encode()
     if path.suffix == ".md":
-        return _REPORT_TIMING.sub(r"run \1 in <t> s", path.read_text(encoding="utf-8")).encode()
+        return _REPORT_TIMING.sub(lambda m: f"run {m.group(1) or m.group(2)} in <t> s",
+                                  path.read_text(encoding="utf-8")).encode()
     if path.suffix == ".npz":
         with zipfile.ZipFile(path) as z:
             return b"".join(name.encode() + z.read(name) for name in sorted(z.namelist()))

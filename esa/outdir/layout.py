@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from esa.errors import UsageError
+from esa.outdir.process import alive, status_of
 
 
 def check_writable(out_dir: Path) -> None:
@@ -88,18 +89,34 @@ def run_files(out_dir: Path) -> list[Path]:
     return out
 
 
+def _read(out_dir: Path, name: str) -> dict:
+    try:
+        return json.loads((out_dir / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def describe_run(out_dir: Path) -> str:
-    """One line naming the run in ``out_dir``: model, metric(s), mode, k, status and start time."""
-    def read(name: str) -> dict:
-        try:
-            return json.loads((out_dir / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-    c = read("config.json").get("config", {})
-    m = read("experiment_manifest.json")
+    """One line naming the run in ``out_dir``: model, metric(s), mode, k, status (``killed`` when the
+    manifest says running but its process is gone) and start time."""
+    c = _read(out_dir, "config.json").get("config", {})
+    m = _read(out_dir, "experiment_manifest.json")
     what = (f"{c.get('model')}, {c.get('metric')}, {c.get('mode')}, k={c.get('topk')}" if c
             else "a run without config.json")
-    return f"{what}; status {m.get('status', 'unknown')}, started {m.get('started_at', 'unknown')}"
+    status = status_of(m) if m else "unknown"
+    if status == "killed":
+        status += " (its manifest says running, but its process is gone)"
+    return f"{what}; status {status}, started {m.get('started_at', 'unknown')}"
+
+
+def refuse_live(out_dir: Path, action: str) -> None:
+    """A run whose process still runs owns its out-dir: ``action`` (--resume, --overwrite) would write
+    into it alongside (UsageError)."""
+    m = _read(out_dir, "experiment_manifest.json")
+    if m.get("status") == "running" and alive(m.get("process")):
+        p = m["process"]
+        raise UsageError(f"{action} {str(out_dir)!r}: that run is still running (process {p['pid']} on {p['host']}, "
+                         f"started {p.get('started_at')}); wait for it to end or stop it first")
 
 
 def claim_out_dir(out_dir: Path, resume: bool = False, overwrite: bool = False) -> Path:
@@ -109,8 +126,11 @@ def claim_out_dir(out_dir: Path, resume: bool = False, overwrite: bool = False) 
     if resume:
         if not (out_dir / "config.json").is_file():
             raise UsageError(f"--resume {str(out_dir)!r}: no ESA run there (config.json is missing)")
+        refuse_live(out_dir, "--resume")
         return prepare_out_dir(out_dir)
     found = run_files(out_dir)
+    if found and overwrite:
+        refuse_live(out_dir, "--overwrite")
     if found and not overwrite:
         raise UsageError(f"--out-dir {str(out_dir)!r} holds another run ({describe_run(out_dir)}); pass --overwrite "
                          f"to replace it, or --resume {str(out_dir)!r} to continue it")

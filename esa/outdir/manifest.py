@@ -1,4 +1,6 @@
-"""``experiment_manifest.json``: what a run is doing or how it ended, its timings and peak memory."""
+"""``experiment_manifest.json``: what a run is doing or how it ended, its timings and peak memory, its
+process (so that a reader can tell a killed run from a running one: :mod:`esa.outdir.process`) and,
+for a resumed run, each session."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from esa.outdir.atomic import write_json
+from esa.outdir.layout import run_files
+from esa.outdir.process import TIME_FORMAT, parse_time, process_record, status_of
 
 
 def peak_memory_mb() -> dict:
@@ -45,21 +49,27 @@ class Manifest:
     def __init__(self, out_dir: Path, write: bool = True, resume: dict | None = None):
         # write=False: the manifest of a torchrun rank other than 0, which keeps timings but writes nothing.
         # resume: what this resumed run could skip; the earlier manifest's record is kept and this resume
-        # is appended to its "resumes" (time, previous status, what was skipped).
+        # is appended to its "resumes" (time, how the session before ended and how long it ran, its
+        # process, what was skipped).
         self.write = write
         self.path = out_dir / "experiment_manifest.json"
         self.started = time.time()
         self.timings: dict[str, float] = {}
-        now = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started))
+        now = time.strftime(TIME_FORMAT, time.localtime(self.started))
         self.data: dict = {"status": "running", "error": None, "started_at": now}
         self.files: list[str] = []
+        self.before_s = 0.0  # the earlier sessions of a resumed run
         if resume is not None and self.path.is_file():
             before = json.loads(self.path.read_text(encoding="utf-8"))
             self.files = list(before.get("files", []))
-            self.data = {k: v for k, v in before.items() if k not in ("finished_at", "files")}
-            self.data["resumes"] = [*before.get("resumes", []), {"at": now, "previous_status": before.get("status"),
-                                                                 "previous_error": before.get("error"), **resume}]
+            self.data = {k: v for k, v in before.items() if k not in ("finished_at", "files", "process")}
+            ran = previous_session_s(before, out_dir)
+            self.data["resumes"] = [*before.get("resumes", []), {
+                "at": now, "previous_status": status_of(before), "previous_error": before.get("error"),
+                "previous_session_s": ran, "previous_process": before.get("process"), **resume}]
             self.data.update(status="running", error=None)
+            self.before_s = sum(r.get("previous_session_s") or 0.0 for r in self.data["resumes"])
+        self.data["process"] = process_record(self.started)
         self.save()
 
     @contextlib.contextmanager
@@ -93,7 +103,8 @@ class Manifest:
     def save(self) -> None:
         if not self.write:
             return
-        self.data.update(timings_s=self.timings, wall_time_s=time.time() - self.started,
+        wall = time.time() - self.started
+        self.data.update(timings_s=self.timings, wall_time_s=wall, total_wall_time_s=self.before_s + wall,
                          peak_memory=peak_memory_mb(), files=self.files)
         write_json(self.path, self.data)
 
@@ -102,6 +113,22 @@ class Manifest:
         self.data["error"] = error
         self.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.save()
+
+
+def previous_session_s(before: dict, out_dir: Path) -> float:
+    """How long the session of manifest ``before`` ran: its recorded wall time, or, for a session that
+    never recorded its end (killed), until the last file the run wrote (the journal is appended after
+    every condition), whichever is later."""
+    recorded = float(before.get("wall_time_s") or 0.0)
+    if before.get("status") != "running":
+        return recorded
+    resumes = before.get("resumes") or []
+    try:
+        start = parse_time(resumes[-1]["at"] if resumes else before["started_at"])
+    except (KeyError, ValueError):
+        return recorded
+    last = max((p.stat().st_mtime for p in run_files(out_dir)), default=start)
+    return max(recorded, last - start)
 
 
 class ScopedManifest:

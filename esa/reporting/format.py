@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from esa.outdir.process import sessions
+
 
 def num(x) -> float:
     """A JSON number, or the strict-JSON strings "inf"/"-inf"/"nan", or None -> float (None -> nan)."""
@@ -70,3 +72,17 @@ def layer_span(layers: list[int]) -> str:
             runs.append(str(start) if start == prev else f"{start}–{prev}")
             start = cur
     return ("layer " if len(layers) == 1 else "layers ") + ", ".join(runs)
+
+
+def run_text(manifest: dict) -> str:
+    """How the run went, for report.md: ``success after 95 s``; a resumed run names each session and
+    sums them: ``success after 95 s over 2 sessions (started T0, killed after 40 s; resumed T1,
+    success after 55 s)``; a ``running`` manifest whose process is gone reads ``killed``."""
+    each = sessions(manifest)
+    total = sum(s["seconds"] or 0.0 for s in each)
+    text = f"{each[-1]['status']} after {total:.0f} s"
+    if len(each) == 1:
+        return text
+    parts = [f"{'started' if i == 0 else 'resumed'} {s['started_at']}, {s['status']} after {s['seconds'] or 0:.0f} s"
+             for i, s in enumerate(each)]
+    return f"{text} over {len(each)} sessions ({'; '.join(parts)})"

@@ -8,11 +8,12 @@ metric's own folder ``metrics/<name>/`` (a complete single-metric out-dir: its
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from esa.outdir.layout import METRICS_DIR
-from esa.outdir.readers import read_json
+from esa.outdir.readers import read_json, read_top_rows
 from esa.reporting import summary
-from esa.reporting.format import ratio_text, sci
+from esa.reporting.format import ratio_text, run_text, sci
 from esa.reporting.plotkit import plt, save
 
 HEATMAP = "metric_agreement.png"
@@ -76,10 +77,38 @@ def quantization_matrix(out_dir: Path, config: dict) -> summary.Table | None:
     return ["metric", *blocks], rows
 
 
+UNION_SPEARMAN = "Spearman on the union of the Top-Ks"
+READING = ("Spearman on the union of the Top-Ks: the rank correlation of the two metrics' scores over every weight "
+           "in either Top-K. Each Top-K is chosen by its own metric, so when the two barely overlap (Jaccard near "
+           "0) the union holds each metric's top weights, which the other metric scores low, and the value is "
+           "negative: a negative value means the metrics disagree about which weights are extreme, not that their "
+           "scores are anti-correlated over all weights. It is not what `scripts/compute_overlap.py` reports "
+           "(Spearman on the shared weights: the correlation over the weights both Top-Ks hold).")
+
+
+def _union(record: dict, key: str):
+    """``spearman_on_union<key>`` of an agreement record (``spearman<key>`` in out-dirs written before
+    it was named for what it ranks, which esa.report still reads)."""
+    return record.get(f"spearman_on_union{key}", record.get(f"spearman{key}"))
+
+
 def agreement_table(agreement: dict) -> summary.Table:
     rows = [[f"`{p['a']}` vs `{p['b']}`", f"{p['jaccard_mean']:.3f}",
-             "–" if p["spearman_mean"] is None else f"{p['spearman_mean']:+.3f}"] for p in agreement["pairs"]]
-    return ["pair", "Jaccard of Top-Ks", "Spearman on their union"], rows
+             "–" if _union(p, "_mean") is None else f"{_union(p, '_mean'):+.3f}"] for p in agreement["pairs"]]
+    return ["pair", "Jaccard of Top-Ks", UNION_SPEARMAN], rows
+
+
+TOP_SHOWN = 5  # weights per metric in the combined report and summary (all of them: each top_weights.csv)
+
+
+def top_weights(out_dir: Path, config: dict) -> summary.Table | None:
+    """The primary seed's highest-scoring weights of each metric (rank, parameter, coordinates, score)."""
+    rows = []
+    for m, folder in metric_dirs(out_dir, config).items():
+        top = read_top_rows(folder)
+        primary = [r for r in top if r["seed"] == top[0]["seed"]][:TOP_SHOWN] if top else []
+        rows += [[f"`{m}`", r["rank"], f"`{r['parameter']}`", f"({r['coords']})", r["score"]] for r in primary]
+    return (["metric", "rank", "parameter", "coords", "score"], rows) if rows else None
 
 
 def super_weight_ranks(out_dir: Path, config: dict) -> summary.Table | None:
@@ -106,9 +135,9 @@ def agreement_heatmap(out_dir: Path) -> Path | None:
         return None
     names = ag["metrics"]
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(names), 2.5 + 0.55 * len(names)))
-    for ax, key, title, lo in ((axes[0], "jaccard_matrix", "Jaccard of the Top-K sets", 0.0),
-                               (axes[1], "spearman_matrix", "Spearman on the union of the Top-Ks", -1.0)):
-        m = [[float("nan") if v is None else v for v in row] for row in ag[key]]
+    for ax, matrix, title, lo in ((axes[0], ag["jaccard_matrix"], "Jaccard of the Top-K sets", 0.0),
+                                  (axes[1], _union(ag, "_matrix"), UNION_SPEARMAN, -1.0)):
+        m = [[float("nan") if v is None else v for v in row] for row in matrix]
         im = ax.imshow(m, vmin=lo, vmax=1.0, cmap="viridis")
         for i, row in enumerate(m):
             for j, v in enumerate(row):
@@ -122,24 +151,40 @@ def agreement_heatmap(out_dir: Path) -> Path | None:
     return save(fig, out_dir / HEATMAP)
 
 
-def sections(out_dir: Path, config: dict, agreement: dict | None) -> list[tuple[str, str, summary.Table]]:
-    """(heading, caption, table) of each part the out-dir has data for."""
+class Section(NamedTuple):
+    """One part of the combined report: a heading, the table's caption, the table and what to know to
+    read it (``note``, printed after the table)."""
+
+    heading: str
+    caption: str
+    table: summary.Table
+    note: str = ""
+
+
+def sections(out_dir: Path, config: dict, agreement: dict | None) -> list[Section]:
+    """Each part the out-dir has data for."""
     out = []
+    top = top_weights(out_dir, config)
+    if top is not None:
+        out.append(Section("Top weights of each metric",
+                           f"the primary seed's {TOP_SHOWN} highest-scoring weights of each metric; every seed's "
+                           f"Top-K is in {METRICS_DIR}/<name>/top_weights.csv", top))
     table = condition_matrix(out_dir, config)
     if table is not None:
-        out.append(("Metric × condition → perplexity ratio",
-                    "perturbed ÷ baseline perplexity, mean ± sample std over seeds (a single seed: its ratio)", table))
+        out.append(Section("Metric × condition → perplexity ratio",
+                           "perturbed ÷ baseline perplexity, mean ± sample std over seeds; a single seed: its ratio",
+                           table))
     quant = quantization_matrix(out_dir, config)
     if quant is not None:
-        out.append(("Metric × block size → quantized perplexity ratio",
-                    "perplexity ÷ unquantized with each metric's Top-K kept in full precision (with as many random "
-                    "weights kept instead), mean over seeds", quant))
+        out.append(Section("Metric × block size → quantized perplexity ratio",
+                           "perplexity ÷ unquantized with each metric's Top-K kept in full precision (with as many "
+                           "random weights kept instead), mean over seeds", quant))
     if agreement is not None:
-        out.append(("Agreement between metrics", "mean over seeds", agreement_table(agreement)))
+        out.append(Section("Agreement between metrics", "mean over seeds", agreement_table(agreement), READING))
     ranks = super_weight_ranks(out_dir, config)
     if ranks is not None:
-        out.append(("Super-weight candidates in each metric's Top-K",
-                    "rank of each detector candidate in the metric's Top-K, per seed; - = not in it", ranks))
+        out.append(Section("Super-weight candidates in each metric's Top-K",
+                           "rank of each detector candidate in the metric's Top-K, per seed; - = not in it", ranks))
     return out
 
 
@@ -150,8 +195,7 @@ def build_report(out_dir: Path) -> str:
     manifest = read_json(out_dir, "experiment_manifest.json")
     c = cfg["config"]
     metrics = c["metrics"]
-    status = (f" The run ended with status {manifest['status']} after {manifest.get('wall_time_s', 0):.0f} s."
-              if manifest else "")
+    status = f" Whole run: {run_text(manifest)}." if manifest else ""
     lines = [f"# ESA report: `{c['model']}`, {len(metrics)} metrics, {c['mode']}, k = {c['topk']}", "",
              f"**Question.** Do {', '.join(f'`{m}`' for m in metrics)} pick the same weights of `{c['model']}`"
              + (f", and does {c['perturb']} of each metric's Top-K hurt perplexity more than its controls "
@@ -159,8 +203,9 @@ def build_report(out_dir: Path) -> str:
              f"**Configuration.** All metrics scored in one pass per seed on the same calibration windows "
              f"(seeds {', '.join(map(str, c['seeds']))}); every metric has its own folder `metrics/<name>/` with "
              f"the files and report of a single-metric run.{status}"]
-    for heading, caption, table in sections(out_dir, cfg, ag):
-        lines += ["", f"## {heading}", "", caption[0].upper() + caption[1:] + ":", "", *summary.markdown(table)]
+    for s in sections(out_dir, cfg, ag):
+        lines += ["", f"## {s.heading}", "", s.caption[0].upper() + s.caption[1:] + ":", "", *summary.markdown(s.table)]
+        lines += ["", s.note] if s.note else []
     if (out_dir / HEATMAP).is_file():
         lines += ["", f"![metric agreement]({HEATMAP})"]
     lines += ["", "## Per-metric reports", ""]
@@ -168,8 +213,8 @@ def build_report(out_dir: Path) -> str:
     lines += ["", "## Files", "", "| file | content |", "|---|---|",
               "| `config.json` | the run's configuration (all metrics) |",
               "| `experiment_manifest.json` | status, timings per phase, peak memory, every file |",
-              "| `metric_agreement.json` | per pair of metrics and seed: Jaccard of the Top-Ks, Spearman on their "
-              "union |", f"| `{HEATMAP}` | the agreement matrices (PNG) |",
+              "| `metric_agreement.json` | per pair of metrics and seed: Jaccard of the Top-Ks, Spearman on the union "
+              "of the Top-Ks |", f"| `{HEATMAP}` | the agreement matrices (PNG) |",
               f"| `{METRICS_DIR}/<name>/` | each metric's single-metric out-dir |", "| `report.md` | this report |"]
     return "\n".join(lines) + "\n"
 
@@ -179,6 +224,6 @@ def console_summary(out_dir: Path) -> str:
     c = cfg["config"]
     lines = [f"ESA summary  model={c['model']}  metrics={','.join(c['metrics'])}  mode={c['mode']}  "
              f"k={c['topk']}  seeds={','.join(map(str, c['seeds']))}  perturb={c['perturb'] or 'none'}"]
-    for heading, caption, table in sections(out_dir, cfg, read_json(out_dir, "metric_agreement.json")):
-        lines += [f"{heading} ({caption}):", *summary.text(table)]
+    for s in sections(out_dir, cfg, read_json(out_dir, "metric_agreement.json")):
+        lines += [f"{s.heading} ({s.caption}):", *summary.text(s.table), *([s.note] if s.note else [])]
     return "\n".join(lines)

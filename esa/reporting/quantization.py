@@ -8,7 +8,7 @@ from pathlib import Path
 
 from esa.outdir.readers import read_json
 from esa.reporting import summary
-from esa.reporting.format import ratio_text, sci
+from esa.reporting.format import num, ratio_text, sci
 from esa.reporting.parts import Part, register
 from esa.reporting.plotkit import COND_COLORS, plt, save
 
@@ -19,8 +19,10 @@ COLORS = {"none": "black", "protect_topk": COND_COLORS["top_k"], "protect_random
 
 
 def _cell(res: dict, block: str, cond: str) -> str:
+    """The ratio's mean ± std over seeds; a condition evaluated once (the same change on every seed)
+    has no spread to show, so its one value alone."""
     s = (res.get("summary") or {}).get(block, {}).get(cond, {}).get("ratio")
-    if s:
+    if s and cond not in res.get("evaluated_once", ()):
         return ratio_text(s["mean"]) + ("" if s.get("std") is None else f" ± {sci(s['std'])}")
     first = next(iter(res["per_seed"].values()))[block][cond]
     return ratio_text(first["ratio"])
@@ -52,7 +54,13 @@ def caption(res: dict) -> str:
             + (f", clipped at {q['clip_z']:g} std" if q.get("clip_z") else "")
             + f"; perplexity ÷ unquantized baseline {sci(res['baseline']['ppl'], 4)} on {res['eval_windows']} "
             f"evaluation windows; Top-K = {res['k']} by {res['metric']} ({res['mode']}); "
-            + (f"mean ± sample std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"))
+            + (f"mean ± sample std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}")
+            + _once(res))
+
+
+def _once(res: dict) -> str:
+    once = res.get("evaluated_once") or []
+    return f"; evaluated once, the same change on every seed, so no ±: {', '.join(once)}" if once else ""
 
 
 def markdown_section(out_dir: Path) -> list[str]:
@@ -70,33 +78,47 @@ def console_lines(out_dir: Path) -> list[str]:
     return [] if res is None else [caption(res) + ":", *summary.text(table(res))]
 
 
+def ratios_to_none(res: dict) -> dict[str, dict[str, list[float]]]:
+    """Per block size, each protecting condition's perplexity ÷ that of plain RTN (``none``) of the same
+    seed and block size, one value per seed: the question's answer (below 1 = the protection helps)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for b in res["block_sizes"]:
+        seeds = list(res["per_seed"].values())
+        conds = [c for c in seeds[0][b] if c != "none"]
+        out[b] = {c: [num(s[b][c]["ppl"]) / num(s[b]["none"]["ppl"]) for s in seeds] for c in conds}
+    return out
+
+
 def plot(out_dir: Path) -> Path | None:
-    """Perplexity vs block size, one line per condition (mean over seeds, dots = seeds)."""
+    """One panel per block size: each protection's perplexity change against plain RTN in % (the
+    ratio to ``none`` − 1; dots = seeds, diamond = mean), on a linear axis of its own, so a 10 %
+    rescue is as visible in a block size where RTN costs ×1.01 as in one where it costs ×100 (that
+    cost is in each panel's title)."""
     res = read_json(out_dir, RESULTS)
     if res is None:
         return None
-    blocks = res["block_sizes"]
-    conds = list(next(iter(res["per_seed"].values()))[blocks[0]])
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    x = list(range(len(blocks)))
-    for i, c in enumerate(conds):
-        per_seed = [[s[b][c]["ppl"] for b in blocks] for s in res["per_seed"].values()]
-        mean = [math.exp(sum(math.log(v) for v in col) / len(col)) if all(0 < v < math.inf for v in col)
-                else math.inf for col in zip(*per_seed)]
-        shift = (i - (len(conds) - 1) / 2) * 0.04
-        ax.plot([v + shift for v in x], mean, marker="o", color=COLORS.get(c, f"C{i}"), label=c)
-        for ys in per_seed:
-            ax.scatter([v + shift for v in x], ys, s=10, color=COLORS.get(c, f"C{i}"), alpha=0.5)
-    ax.axhline(res["baseline"]["ppl"], color="gray", ls=":", label=f"unquantized ({sci(res['baseline']['ppl'], 4)})")
-    ax.set_yscale("log")
-    ax.set_xticks(x, blocks)
-    ax.set_xlabel("block size (channel = one output row; integer = contiguous weights; tensor = whole tensor)")
-    ax.set_ylabel("perplexity (log scale; line = geometric mean over seeds, dots = seeds)")
+    ratios = ratios_to_none(res)
+    first = next(iter(res["per_seed"].values()))
+    fig, axes = plt.subplots(1, len(ratios), figsize=(1.2 + 2.7 * len(ratios), 4.2), squeeze=False)
+    for ax, (b, by_cond) in zip(axes[0], ratios.items()):
+        for i, (c, ratios_) in enumerate(by_cond.items()):
+            values = [100 * (r - 1) for r in ratios_]
+            color = COLORS.get(c, f"C{i}")
+            ax.scatter([i] * len(values), values, s=14, color=color, alpha=0.5)
+            finite = [v for v in values if math.isfinite(v)]
+            if finite:
+                ax.scatter([i], [sum(finite) / len(finite)], marker="D", s=40, color=color, zorder=3)
+        ax.axhline(0.0, color="black", lw=1, ls="--")
+        ax.ticklabel_format(axis="y", useOffset=False)  # the values themselves, never "+1" and offsets
+        ax.set_xticks(range(len(by_cond)), [c.removeprefix("protect_") for c in by_cond], rotation=30, ha="right")
+        ax.set_xlim(-0.6, len(by_cond) - 0.4)
+        ax.set_title(f"block {b}\nplain RTN {ratio_text(first[b]['none']['ratio'])} vs unquantized", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("perplexity vs plain RTN (%)")
     q = res["quantizer"]
-    ax.set_title(f"RTN {q['bits']}-bit: keeping weights in full precision, {res['metric']} Top-{res['k']}",
-                 fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    fig.suptitle(f"RTN {q['bits']}-bit: keeping weights in full precision, {res['metric']} Top-{res['k']} "
+                 f"(below 0 = better than plain RTN; dots = seeds, diamond = mean)", fontsize=10)
+    fig.tight_layout()
     return save(fig, out_dir / PLOT)
 
 

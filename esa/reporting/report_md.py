@@ -16,7 +16,7 @@ from esa.outdir.atomic import atomic_write_text
 from esa.outdir.layout import CHECKPOINT_DIR
 from esa.outdir.readers import read_json
 from esa.reporting import metrics_report, parts, quantization, summary
-from esa.reporting.format import count_text, num, ratio_text, sci, verb
+from esa.reporting.format import count_text, num, ratio_text, run_text, sci, verb
 from esa.reporting.plots import PLOTS
 from esa.reporting.superweights import feeds_text
 
@@ -31,11 +31,12 @@ FILE_NOTES = {
     "stability_summary.json": "Jaccard overlap of the Top-K across seeds",
     "quantization_results.json": "per seed, block size and condition: perplexity, ratio to the unquantized model, "
                                  "weights protected, mean squared error of the unprotected weights; statistics",
-    "quantization.png": "perplexity vs block size, one line per condition (PNG)",
+    "quantization.png": "per block size, each protection's perplexity change against plain RTN (PNG)",
     "report.md": "this report",
     "super_weights.json": "super-weight candidates (data-free detector), every search pass, ablation, Top-K overlap",
     "super_weights.txt": "the super-weight table as printed",
-    "super_weights.png": "max |down-projection input| and |output| per layer, spikes marked (PNG)",
+    "super_weights.png": "max |down-projection input| and |output| per layer; each candidate numbered as in the "
+                         "table, each other spike with why it is not one (PNG)",
     "activations.json": "per layer the largest |residual-stream value| and the median; the massive activations of the "
                         "baseline and of every condition, and what became of each baseline one",
     "activations.png": "max |residual-stream value| per layer, baseline vs each condition, massive ones marked (PNG)",
@@ -64,14 +65,23 @@ def _question(cfg: dict, pert: dict | None) -> str:
 def _configuration(cfg: dict, pert: dict | None, manifest: dict | None) -> str:
     c, r, d = cfg["config"], cfg["resolved"], cfg["data"]
     seeds = ", ".join(map(str, r.get("seeds_run") or c["seeds"]))
-    perturb = (f"{c['perturb']} (scale {c['perturb_scale']}, prob {c['perturb_prob']})" if c.get("perturb")
-               else f"none (quantization: {c['quantize']} {c['bits']}-bit)" if c.get("quantize") else "none")
-    status = f"; run {manifest['status']} in {manifest.get('wall_time_s', 0):.0f} s" if manifest else ""
+    status = f"; run: {run_text(manifest)}" if manifest else ""
     return (f"**Configuration.** {count_text(cfg['targets']['weights'])} weights in {cfg['targets']['count']} "
             f"target tensors; {c['mode']} Top-K; data {d['data_source']}: {c['max_samples']} calibration windows "
             f"per seed, {d['eval_windows']} evaluation windows of {d['window_tokens']} tokens; seeds {seeds} "
-            f"(primary {seeds.split(',')[0]}); perturbation {perturb}; {r['device']} {r['dtype']}{status}."
+            f"(primary {seeds.split(',')[0]}); {_change(c)}; {r['device']} {r['dtype']}{status}."
             + _caveats(c))
+
+
+def _change(c: dict) -> str:
+    """What the run does to the model: its perturbation, its quantization, or nothing."""
+    if c.get("perturb"):
+        return f"perturbation {c['perturb']} (scale {c['perturb_scale']}, prob {c['perturb_prob']})"
+    if c.get("quantize"):
+        return (f"quantization {c['quantize'].upper()} {c['bits']}-bit, block sizes "
+                f"{', '.join(map(str, c['block_sizes']))}" + (f", clipped at {c['clip_z']:g} std" if c.get("clip_z")
+                                                               else ""))
+    return "no perturbation (scores and Top-K only)"
 
 
 def _caveats(c: dict) -> str:
@@ -106,13 +116,17 @@ def file_list(out_dir: Path, manifest: dict | None) -> list[str]:
     return out
 
 
-def super_weights_section(sw: dict | None) -> list[str]:
-    """Candidates with their ablation ratio and rank in each seed's Top-K (``--detect-super-weights``)."""
+def super_weights_section(out_dir: Path) -> list[str]:
+    """Candidates with their ablation ratio and rank in each seed's Top-K, and the spike plot
+    (``--detect-super-weights``)."""
+    sw = read_json(out_dir, "super_weights.json")
     if sw is None:
         return []
     cands = sw.get("candidates") or []
     lines = ["", "## Super weights", "", f"Data-free detector (threshold {sw['settings']['threshold']:g}x the median "
              f"max |down-projection output|): {count_text(len(cands))} candidate(s); search stopped: {sw['stopped']}."]
+    if (out_dir / "super_weights.png").is_file():
+        lines += ["", "![super weights](super_weights.png)"]
     if not cands:
         return lines
     abl = sw.get("ablation") or {}
@@ -155,7 +169,7 @@ def build_report(out_dir: Path) -> str:
         lines.append("No perturbation was run (no `--perturb`): scores and Top-K only.")
         if stab is not None:
             lines += [f"Top-K stability: mean Jaccard {stab['jaccard_mean']:.3f} over consecutive seed pairs."]
-    lines += super_weights_section(read_json(out_dir, "super_weights.json"))
+    lines += super_weights_section(out_dir)
     lines += parts.sections(out_dir)
     shown = [s for s in PLOTS if (out_dir / "plots" / s.file).is_file()]
     if shown:
@@ -164,7 +178,8 @@ def build_report(out_dir: Path) -> str:
             reading = s.read(out_dir) or "(its data file is missing from this out-dir)"
             lines += ["", f"### {s.title}", "", f"![{s.title}](plots/{s.file})", "", reading]
     else:
-        lines += ["", "(No plots: run with `--save-plots`, or `python -m esa.report OUT_DIR` to draw them.)"]
+        lines += ["", "(No score plots: run with `--save-plots`, or `python -m esa.report OUT_DIR --save-plots` "
+                  "to draw them.)"]
     lines += ["", "## Files", ""] + file_list(out_dir, manifest)
     return "\n".join(lines) + "\n"
 

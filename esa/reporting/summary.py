@@ -81,6 +81,16 @@ def _caption(pert: dict) -> str:
                                             "t-tests of top_k vs each control" if multi else "") + ":"
 
 
+WHICH_P = ("Which p to read: p (log ratio), Welch's t-test on log(PPL / baseline), the scale on which perplexity "
+           "effects multiply. ΔPPL is heavy-tailed across seeds (a Top-K that multiplies perplexity by 10^5 on one "
+           "seed and 10^3 on another has a huge ΔPPL variance), so p (ΔPPL) is weak; it is kept for reference.")
+
+
+def _which_p(pert: dict) -> list[str]:
+    """The one sentence that says which of the two p-value columns answers the question (with tests only)."""
+    return [WHICH_P] if pert.get("tests") else []
+
+
 def _no_op_notes(pert: dict) -> list[str]:
     return [f"Note: only {c['n_changed']} of the {c['n_perturbed']} {name} weights changed value (the others are "
             f"exactly 0, which `{pert['perturb']}` leaves unchanged), so {name} is not a real control at this k."
@@ -100,7 +110,7 @@ def _sweep_caption(pert: dict) -> str:
 def markdown_summary(pert: dict, stab: dict | None) -> list[str]:
     """report.md's summary: caption, table, no-op control notes, stability."""
     lines = [_caption(pert), "", *markdown(condition_table(pert))]
-    for note in _no_op_notes(pert):
+    for note in _which_p(pert) + _no_op_notes(pert):
         lines += ["", note]
     if stab is not None:
         lines += ["", _stability_line(stab)]
@@ -120,15 +130,15 @@ def console_summary(config: dict, pert: dict | None, stab: dict | None, top_rows
     top_weights.csv (rank, parameter, index, coords, score, seed).
     """
     c = config
+    change = f"quantize={c['quantize']} {c['bits']}-bit" if c.get("quantize") else f"perturb={c['perturb'] or 'none'}"
     lines = [f"ESA summary  model={c['model']}  metric={c['metric']}  mode={c['mode']}  k={c['topk']}  "
-             f"seeds={','.join(map(str, c['seeds']))}  perturb={c['perturb'] or 'none'}"
-             + (f"  quantize={c['quantize']} {c['bits']}-bit" if c.get("quantize") else "")]
+             f"seeds={','.join(map(str, c['seeds']))}  {change}"]
     if coverage:
         lines.append(f"scored {coverage['scored_weights']:,} of the model's {coverage['matrix_weights']:,} matrix "
                      f"weights ({100 * coverage['scored_share_of_matrix_weights']:.1f} %); not scored: "
                      f"{len(coverage['excluded'])} tensor(s), listed in config.json")
     if pert is not None:
-        lines += [_caption(pert), *text(condition_table(pert)), *_no_op_notes(pert)]
+        lines += [_caption(pert), *text(condition_table(pert)), *_which_p(pert), *_no_op_notes(pert)]
         sweep = sweep_rows(pert)
         if sweep is not None:
             lines += [_sweep_caption(pert), *text(sweep)]
@@ -148,5 +158,5 @@ def files_footer(out_dir: Path, plot_paths: list[Path]) -> str:
     lines = [f"outputs: {out_dir}", f"  report: {out_dir / 'report.md'}"]
     lines += [f"  plot:   {p}" for p in plot_paths]
     if not plot_paths:
-        lines.append("  (no plots: add --save-plots, or run: python -m esa.report OUT_DIR)")
+        lines.append("  (no plots: add --save-plots, or run: python -m esa.report OUT_DIR --save-plots)")
     return "\n".join(lines)

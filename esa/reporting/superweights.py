@@ -1,12 +1,14 @@
 """The super-weight files from the results dict alone: ``super_weights.json``, the table
 (``super_weights.txt``, also printed) and the spike plot (``super_weights.png``).
 
-``python -m esa.report OUT_DIR`` redraws the plot of an old run from its JSON.
+``python -m esa.report OUT_DIR`` redraws the plot and rewrites the table of an old run (an ESA run's
+or a find_super_weights.py out-dir) from its JSON.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -84,12 +86,53 @@ def _overlap_lines(overlap: Mapping | None) -> list[str]:
     return out
 
 
+def spike_notes(results: Mapping) -> dict[int, str]:
+    """Why each spike of the first pass (by projection index) that holds no candidate is not one: it
+    vanished once earlier candidates were zeroed (a consequence of their super activation), or it
+    still spikes when the search stopped."""
+    passes = results["passes"]
+    held = {_where(passes[0]["layers"], c) for c in results.get("candidates") or []}
+    notes = {}
+    for i, r in enumerate(passes[0]["layers"]):
+        if not r["spike"] or i in held:
+            continue
+        gone = next((p for p in passes[1:] if not p["layers"][i]["spike"]), None)
+        if gone is not None:
+            n = len(gone["zeroed"])
+            notes[i] = f"gone once {'#1' if n == 1 else f'#1-#{n}'} {'was' if n == 1 else 'were'} zeroed"
+        elif str(results.get("stopped", "")).startswith("max_super_weights"):
+            notes[i] = "still spiking when the search stopped (--max-super-weights reached)"
+        else:
+            notes[i] = "still spiking, but no weight not yet a candidate explains it"
+    return notes
+
+
+def _where(layers: list[Mapping], cand: Mapping) -> int:
+    """The index of the candidate's projection among the first pass's projections."""
+    return next(i for i, r in enumerate(layers) if r["module"] == cand["module"]
+                and r.get("expert") == cand.get("expert"))
+
+
+def _label_levels(xs: list[float]) -> list[int]:
+    """A height level per label (in ``xs`` order) so that labels of neighbouring layers stack
+    instead of overlapping."""
+    levels: list[int] = []
+    for i, x in enumerate(xs):
+        near = [levels[j] for j in range(i) if abs(xs[j] - x) < 2.5]
+        levels.append(next(lv for lv in range(len(xs) + 1) if lv not in near))
+    return levels
+
+
 def plot_spikes(source: Mapping | str | Path, dest: str | Path) -> Path:
-    """Max |down-proj input| and |output| per layer on a log axis, spikes marked; from the JSON only.
+    """Max |down-proj input| and |output| per layer on a log axis, every candidate and every other
+    spike marked; from the JSON only.
 
     ``source``: the results dict, a ``super_weights.json`` path or the out-dir holding it.  The first
     pass (the unmodified model) is drawn solid; when candidates were zeroed, the last pass (with them
-    zeroed) is drawn dashed, so the plot shows whether the spikes vanish.
+    zeroed) is drawn dashed, so the plot shows whether the spikes vanish.  Each candidate has its own
+    star, numbered as in the table (two candidates of one layer sit side by side), at its |output| in
+    the pass that found it; a spike that is not a candidate is an ``x`` whose note (below the axes)
+    says why.  Labels of neighbouring layers are stacked so they never overlap.
     """
     import matplotlib.pyplot as plt
 
@@ -112,19 +155,44 @@ def plot_spikes(source: Mapping | str | Path, dest: str | Path) -> Path:
     thr = num(source["settings"]["threshold"]) * num(passes[0]["median_out_max"])
     ax.axhline(thr, color="gray", lw=0.8, ls=":", label=f"spike threshold ({sci(source['settings']['threshold'])}x "
                                                           "median max |output|)")
-    for i, r in enumerate(first):
-        if r["spike"]:
-            ax.annotate(f"L{_label(r)} ch {r['out_channel']}", (i, num(r["out_max"])), textcoords="offset points",
-                        xytext=(0, 6), ha="center", fontsize=8, color="tab:red")
+    labels: list[tuple[float, float, str]] = []  # (x, y, text) of every marked point
+    cands = source.get("candidates") or []
+    per_layer: dict[int, list[int]] = {}
+    for n, c in enumerate(cands):
+        per_layer.setdefault(_where(first, c), []).append(n)
+    for i, numbers in per_layer.items():
+        for j, n in enumerate(numbers):  # side by side within the layer
+            labels.append((i + 0.3 * (j - (len(numbers) - 1) / 2), abs(num(cands[n]["output_activation"])),
+                           f"#{n + 1}"))
+    if cands:
+        ax.scatter([x for x, _, _ in labels], [y for _, y, _ in labels], marker="*", s=110, color="gold",
+                   edgecolors="black", linewidths=0.6, zorder=4, label="candidate #n (as in the table), at its "
+                   "|output| when found")
+    notes = spike_notes(source)
+    if notes:
+        ax.scatter(list(notes), [num(first[i]["out_max"]) for i in notes], marker="x", s=60, color="black",
+                   zorder=4, label="spike that is not a candidate (why: below)")
+        labels += [(i, num(first[i]["out_max"]), f"L{_label(first[i])}") for i in notes]
     ax.set_yscale("log")
     lo, hi = ax.get_ylim()
-    ax.set_ylim(lo, hi * 4)  # headroom for the spike labels
+    ax.set_ylim(lo, 10 ** (math.log10(lo) + (math.log10(hi) - math.log10(lo)) / 0.72))  # a band for the labels
+    order = sorted(range(len(labels)), key=lambda k: labels[k][0])
+    for k, level in zip(order, _label_levels([labels[k][0] for k in order])):
+        x, y, text = labels[k]  # in the band above the data, stacked where layers are close, a line to the point
+        ax.annotate(text, (x, y), xytext=(x, 0.97 - 0.075 * level), textcoords=("data", "axes fraction"),
+                    ha="center", va="top", fontsize=8, arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "gray"})
     ax.set_xticks(xs)
     ax.set_xticklabels([_label(r) for r in first], fontsize=7, rotation=90 if len(xs) > 40 else 0)
     ax.set_xlabel("layer (MLP output projection)")
     ax.set_ylabel("max |activation| over tokens (log)")
     ax.set_title("Super-activation search: down-projection maxima per layer", fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a spike
+    text = [f"#{n + 1}: L{c['layer']} [{c['row']}, {c['col']}] = {c['weight']:.4g}, spike {sci(c['output_ratio'])}x"
+            for n, c in enumerate(cands)]
+    text += [f"L{_label(first[i])} ch {first[i]['out_channel']}: spike, not a candidate: {why}"
+             for i, why in notes.items()]
+    if text:
+        ax.text(0.0, -0.17, "\n".join(text), ha="left", va="top", fontsize=8, transform=ax.transAxes)
     return save(fig, Path(dest))
 
 

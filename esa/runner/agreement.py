@@ -31,12 +31,12 @@ def values_at(scores: dict[str, torch.Tensor], where: dict[str, torch.Tensor], s
 
 def seed_agreement(scores: dict[str, dict[str, torch.Tensor]], tops: dict[str, Selection],
                    split: Split | None = None) -> dict[str, dict]:
-    """``{pair_key(a, b): {"jaccard", "spearman", "union"}}`` for every pair in ``scores`` order."""
+    """``{pair_key(a, b): {"jaccard", "spearman_on_union", "union"}}`` for every pair in ``scores`` order."""
     out = {}
     for a, b in itertools.combinations(list(scores), 2):
         where = union_indices(tops[a], tops[b])
         out[pair_key(a, b)] = {"jaccard": jaccard(tops[a], tops[b]),
-                               "spearman": spearman(values_at(scores[a], where, split),
-                                                    values_at(scores[b], where, split)),
+                               "spearman_on_union": spearman(values_at(scores[a], where, split),
+                                                             values_at(scores[b], where, split)),
                                "union": sum(len(i) for i in where.values())}
     return out

@@ -38,7 +38,8 @@ def measure_experiments(view: RunContext, selections: list[SeedSelections], meas
                     rows.setdefault(sel.seed, {}).setdefault(group, {})[cond.name] = row
                     if measured is not None:
                         measured.append(Measured(exp.name, sel.seed, str(group), cond.name, row))
-                    log.info("%s: perplexity %s (ratio %.4g)", cond.label, row.get("ppl"), row.get("ratio", math.nan))
+                    log.info("%s: perplexity %.6g (ratio %.6g)", cond.label, row.get("ppl", math.nan),
+                             row.get("ratio", math.nan))
         out[exp.name] = exp.results(rows, base)
     return out
 

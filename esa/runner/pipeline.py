@@ -35,6 +35,8 @@ from esa.model.weight_inputs import read_layouts
 from esa.outdir.journal import Journal, fault_point
 from esa.outdir.layout import claim_out_dir, describe_run
 from esa.outdir.manifest import Manifest
+from esa.outdir.process import ended
+from esa.outdir.readers import read_json
 from esa.runner import checkpoint, records
 from esa.runner.context import RunContext
 from esa.runner.experiments import detect_super_weights, experiments, measure_experiments, with_overlap
@@ -70,7 +72,8 @@ def run(cfg: RunConfig) -> RunResult:
             log.warning("--stability-check needs at least two --seeds: no stability_summary.json is written")
         skips = checkpoint.resumable(out_dir, cfg.scoring.seeds) if out.resume else None
         if skips is not None and is_main:
-            log.info("resuming %s: %s", out_dir, skips)
+            log.info("resuming %s: the run %s; skipping %s", out_dir,
+                     ended(read_json(out_dir, "experiment_manifest.json") or {}), skips)
         manifest = Manifest(out_dir, write=is_main, resume=skips)
         try:
             with manifest.recording():

@@ -92,7 +92,7 @@ def ablate(measurer: Measurer, candidates: Sequence[Candidate], projections: Seq
         row = measurer.measure(zeroing(projections, [c.key], f"zeroing {c.param}[{c.row}, {c.col}]"))
         out["each"].append({"param": c.param, "row": c.row, "col": c.col, "flat_index": c.flat_index, **_row(row),
                             "n_changed": row["n_changed"]})
-        log.info("zeroing %s[%d, %d]: perplexity %.4g (x%.3g)", c.param, c.row, c.col, row["ppl"], row["ratio"])
+        log.info("zeroing %s[%d, %d]: perplexity %.6g (ratio %.6g)", c.param, c.row, c.col, row["ppl"], row["ratio"])
     row = measurer.measure(zeroing(projections, [c.key for c in candidates], "zeroing every candidate"))
     out["all"] = {**_row(row), "n_changed": row["n_changed"]}
     rand = random_control(projections, candidates, seed)

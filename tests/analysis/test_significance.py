@@ -41,3 +41,14 @@ def test_condition_summary_and_pairing():
     assert set(t) == {"top_k_vs_random_k"}
     assert t["top_k_vs_random_k"]["p_value"] == pytest.approx(
         stats.ttest_ind([5, 7, 9], [0.05, 0.07, 0.09], equal_var=False).pvalue)
+
+
+def test_a_value_repeated_over_seeds_has_no_spread():
+    """A seed-independent condition is measured once and its row repeated per seed: its mean is that
+    value and its std exactly 0 (numpy's mean of three equal values can round to a neighbour, whose
+    std would print as a spread of 1e-16 or, on ΔPPL, 1e-13)."""
+    x = 1.507913950647994
+    assert np.array([x] * 3).std(ddof=1) != 0  # the rounding this guards against
+    per_seed = {s: {"none": {"ppl": 20 * x, "delta_ppl": 20 * x - 20, "ratio": x}} for s in "012"}
+    s = condition_summary(per_seed)["none"]
+    assert s["ratio"]["mean"] == x and s["ratio"]["std"] == 0.0 and s["delta_ppl"]["std"] == 0.0

@@ -5,11 +5,13 @@ flag (and a config entry) without touching the command line's code."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
 from esa.cli import baseline as baseline_cli
 from esa.cli import flags
+from esa.cli import overlap as overlap_cli
 from esa.cli import runner as runner_cli
 from esa.cli import superweights as superweights_cli
 from esa.config import RunConfig
@@ -88,3 +90,16 @@ def test_the_config_round_trips_through_its_flat_record():
                                           "1,5", "--seeds", "3,4", "--include", "mlp", "--obs-damp", "0.1"])
     assert RunConfig.of(**{k: v for k, v in cfg.to_json().items() if k != "metric"}) == cfg
     assert dataclasses.replace(cfg.scoring, topk=7) != cfg.scoring
+
+
+@pytest.mark.parametrize("tool", [runner_cli, baseline_cli, superweights_cli, overlap_cli])
+def test_help_shows_each_default_once(tool):
+    """``--help`` appends each flag's default; a help text must not state it again (``(default 8)
+    (default: 8)``, as find_super_weights.py once printed)."""
+    parser = tool.build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help:
+            text = " ".join(formatter._get_help_string(action).split())
+            assert text.count("default") <= 1, (action.option_strings, text)
+            assert len(re.findall(r"\(default:? ", text)) <= 1, (action.option_strings, text)

@@ -61,6 +61,13 @@ def test_question_configuration_and_summary_table(out_dir):
     assert "| 100 (main) |" in text  # the sweep table marks the main k
 
 
+def test_the_report_says_once_which_p_value_to_read(out_dir):
+    """p (ΔPPL) and p (log ratio) can disagree (heavy-tailed ΔPPL): the report says which one answers
+    the question, and why, in one place."""
+    text = (out_dir / "report.md").read_text()
+    assert text.count("Which p to read: p (log ratio)") == 1 and "heavy-tailed" in text
+
+
 def test_file_list_covers_the_out_dir(out_dir):
     text = (out_dir / "report.md").read_text()
     files = text.split("## Files", 1)[1]
@@ -70,10 +77,12 @@ def test_file_list_covers_the_out_dir(out_dir):
 
 
 def test_python_m_esa_report_regenerates_everything(tmp_path):
+    """--save-plots draws the score plots of a run made without them (tests/reporting/test_regenerate.py:
+    without it, exactly the files the run wrote come back)."""
     out = make_out_dir(tmp_path / "old_run", layers=4)
     shutil.rmtree(out / "plots", ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-m", "esa.report", str(out)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "esa.report", str(out), "--save-plots"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     for spec in PLOTS:
         png = out / "plots" / spec.file

@@ -28,7 +28,7 @@ def test_every_selection_of_every_metric_and_k_round_trips(tmp_path):
         return {"random_k": sel("random_k", gen), "bottom_k": sel("bottom_k", gen)}
     results = {m: SeedResult(3, sel("top_k", gen, 2), controls(), [5, 1, 9], {2: (sel("top_k", gen), controls())})
                for m in ("grad_x_weight", "act_mag")}
-    agreement = {"grad_x_weight|act_mag": {"jaccard": 0.25, "spearman": None, "union": 10}}
+    agreement = {"grad_x_weight|act_mag": {"jaccard": 0.25, "spearman_on_union": None, "union": 10}}
     assert load_seed(tmp_path, 3) is None
     save_seed(tmp_path, 3, SeedScores(results, agreement))
     assert seed_path(tmp_path, 3).is_file()

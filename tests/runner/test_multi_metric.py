@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 
 import pytest
@@ -12,6 +13,7 @@ import esa_runner
 from esa.analysis.agreement import spearman
 from esa.outdir.compare import compare
 from esa.outdir.readers import read_top_rows
+from esa.reporting import metrics_report
 from tests.realmodels import CORPUS, tiny_model_dir
 
 METRICS = ["grad_x_weight", "act_mag", "obs", "taylor2", "magnitude"]
@@ -66,13 +68,30 @@ def test_agreement_json_and_heatmap(multi):
             assert row["jaccard"] == pytest.approx(len(a & b) / len(a | b))
             assert row["union"] == len(a | b)
     assert ag["jaccard_matrix"][0][0] == 1.0
+    # the Spearman is named for what it ranks (the union of the Top-Ks), and a negative value is explained
+    assert all("spearman_on_union" in row for p in ag["pairs"] for row in p["per_seed"].values())
+    assert "spearman_matrix" not in ag and "negative_spearman_on_union" in ag["definition"]
     assert (multi / "metric_agreement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (multi / "report.md").read_text()
     assert "## Metric × condition → perplexity ratio" in report and "metric_agreement.png" in report
+    assert "Spearman on the union of the Top-Ks" in report and "a negative value means" in report
     for m in METRICS:
         assert f"| `{m}` |" in report and f"metrics/{m}/report.md" in report
     manifest = json.loads((multi / "experiment_manifest.json").read_text())
     assert manifest["status"] == "success" and "metrics/obs/top_weights.csv" in manifest["files"]
+
+
+def test_the_summary_and_report_list_each_metrics_top_weights(multi):
+    """A multi-metric run names the weights it found: the primary seed's top 5 of each metric, in the
+    printed summary and the top-level report, as each metric's top_weights.csv lists them."""
+    report = (multi / "report.md").read_text()
+    printed = metrics_report.console_summary(multi)
+    for m in METRICS:
+        top = [r for r in read_top_rows(multi / "metrics" / m) if r["seed"] == "0"][:5]
+        for r in top:
+            assert f"| `{m}` | {r['rank']} | `{r['parameter']}` | ({r['coords']}) | {r['score']} |" in report
+            assert re.search(rf"{m}\s+{r['rank']}\s+{re.escape(r['parameter'])}\s+\({re.escape(r['coords'])}\)"
+                             rf"\s+{re.escape(r['score'])}", printed), (m, r)
 
 
 def test_spearman_is_scipys_with_average_ranks_for_ties():

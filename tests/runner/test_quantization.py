@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -62,12 +63,20 @@ def test_dry_run_shows_conditions_block_sizes_seeds_and_evaluations(tiny, tmp_pa
     assert ("rtn 4-bit; conditions none, protect_topk, protect_random_k, protect_super_weights x block sizes "
             "channel, 64, tensor x seeds 0, 1: at most 19 perplexity evaluations") in out
     assert "quantization_results.json" in out and not (tmp_path / "o").exists()
+    assert "scores and Top-K only" not in out and "perturb:" not in out  # a quantization run perturbs nothing
 
 
-def test_run_writes_every_condition_and_the_statistics(tiny, tmp_path):
+def test_run_writes_every_condition_and_the_statistics(tiny, tmp_path, capsys):
     out = tmp_path / "q"
     assert esa_runner.main(args(tiny, out) + ["--quantize", "rtn", "--bits", "3", "--block-size", "channel,64,tensor",
                                               "--detect-super-weights"]) == 0
+    printed = capsys.readouterr()
+    summary = printed.out
+    assert "quantize=rtn 3-bit" in summary and "perturb=" not in summary and "scores and Top-K only" not in summary
+    logged = [re.findall(r"\d+\.\d+", ln.split(" INFO ")[-1]) for ln in printed.err.splitlines() if "perplexity" in ln]
+    assert sum(map(bool, logged)) > 10
+    for numbers in logged:  # a log line quotes perplexities and ratios to 6 significant digits, not 16
+        assert all(len(n.replace(".", "").lstrip("0")) <= 6 for n in numbers), numbers
     res = json.loads((out / "quantization_results.json").read_text())
     assert res["block_sizes"] == ["channel", "64", "tensor"] and res["seeds"] == [0, 1]
     config = json.loads((out / "config.json").read_text())
@@ -85,9 +94,16 @@ def test_run_writes_every_condition_and_the_statistics(tiny, tmp_path):
             assert rows["protect_topk"]["mse_unprotected"] < rows["none"]["mse_unprotected"]
         assert res["per_seed"][seed]["channel"]["none"] == res["per_seed"]["0"]["channel"]["none"]  # seed-free
     assert "protect_topk_vs_protect_random_k" in res["tests"]["channel"]
+    assert res["evaluated_once"][:2] == ["none", "protect_super_weights"]  # seed-free: measured once
     assert (out / "quantization.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
     assert "| channel |" in report and "quantization.png" in report
+    assert "quantization RTN 3-bit, block sizes channel, 64, tensor" in report and "perturbation none" not in report
+    head, *rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in report.splitlines() if ln.startswith("| ")][:4]
+    for row in rows[1:]:  # one evaluation has no spread: no ± at all; the per-seed conditions keep theirs
+        cells = dict(zip(head, row))
+        assert "±" not in cells["none"] + cells["protect_super_weights"] and "±" in cells["protect_random_k"], row
+    assert "evaluated once" in report
 
 
 def test_every_condition_leaves_the_model_bit_exact(tiny, tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 import esa_runner
 from esa.outdir.compare import compare
-from esa.outdir.layout import PLOT_FILES, RUN_FILES
+from esa.outdir.layout import PLOT_FILES, RUN_FILES, describe_run
 from tests.realmodels import CORPUS, REPO, tiny_model_dir
 
 
@@ -49,18 +49,26 @@ def journal_lines(out) -> int:
 
 
 @pytest.mark.parametrize("point", ["scoring:1", "condition:5", "report"])
-def test_a_killed_run_resumes_to_the_same_files(tiny, uninterrupted, tmp_path, point):
+def test_a_killed_run_resumes_to_the_same_files(tiny, uninterrupted, tmp_path, point, capsys):
     out = tmp_path / "run"
     killed(args(tiny, out), point)
     manifest = json.loads((out / "experiment_manifest.json").read_text())
     assert manifest["status"] == "running"  # SIGKILL: nothing could record the end
+    assert "status killed" in describe_run(out)  # ... but its process is gone: a reader says killed
     before = journal_lines(out)
     assert esa_runner.main(args(tiny, out) + ["--resume", str(out)]) == 0
+    assert f"resuming {out}: the run was killed" in capsys.readouterr().err
     diff = {n: v for n, v in compare(out, uninterrupted).items() if v != "identical"}
     assert diff == {}, diff  # top_weights.csv, perturbation_results.json, stability_summary.json, report.md ...
     manifest = json.loads((out / "experiment_manifest.json").read_text())
     assert manifest["status"] == "success" and len(manifest["resumes"]) == 1
     done = manifest["resumes"][0]
+    assert done["previous_status"] == "killed" and done["previous_session_s"] > 0
+    assert manifest["total_wall_time_s"] == pytest.approx(done["previous_session_s"] + manifest["wall_time_s"])
+    # the report names the resume and the total time, not only the resumed part's
+    total, first = round(manifest["total_wall_time_s"]), round(done["previous_session_s"])
+    assert (f"run: success after {total} s over 2 sessions (started {manifest['started_at']}, killed after {first} s; "
+            f"resumed {done['at']}, success after") in (out / "report.md").read_text()
     if point == "scoring:1":  # seed 0 was checkpointed, seed 1 was being scored
         assert done["seeds_done"] == [0] and done["evaluations_done"] == 0
     if point == "condition:5":
@@ -81,17 +89,37 @@ def test_only_the_resume_flag_takes_the_recorded_configuration(tiny, tmp_path, c
     assert "already finished" in capsys.readouterr().out and journal_lines(out) == lines
 
 
+@pytest.fixture(scope="module")
+def refused(tiny, tmp_path_factory):
+    """A killed run, shared by the tests whose --resume is refused (a refused resume writes nothing)."""
+    out = tmp_path_factory.mktemp("refused") / "run"
+    killed(args(tiny, out), "condition:1")
+    return out
+
+
 @pytest.mark.parametrize("change, needle", [
     (("--topk", "5"), "--topk: 4 in the run, 5 now"),
-    (("--metric", "act_mag"), "--metric: ('grad_x_weight',) in the run, ('act_mag',) now"),
+    (("--metric", "act_mag"), "--metric: grad_x_weight in the run, act_mag now"),
+    (("--seeds", "0,1"), "--seeds: 0,1,2 in the run, 0,1 now"),
 ])
-def test_resume_refuses_a_changed_command(tiny, tmp_path, capsys, change, needle):
-    out = tmp_path / "run"
-    killed(args(tiny, out), "condition:1")
+def test_resume_refuses_a_changed_command(tiny, refused, capsys, change, needle):
+    """The message names each changed flag as the user types it (never a Python repr) and nothing
+    else: every other flag of the command is the run's own."""
+    out = refused
     argv = args(tiny, out) + ["--resume", str(out)]
     argv[argv.index(change[0]) + 1] = change[1]
     assert esa_runner.main(argv) == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert needle in err and err.count(" in the run, ") == 1, err
+
+
+def test_resume_compares_only_the_flags_typed(refused, capsys):
+    """``--resume DIR --topk 50``: one difference, --topk; the defaults of flags not typed (--device,
+    --seeds, ...) are no difference even though the run typed other values."""
+    assert esa_runner.main(["--resume", str(refused), "--topk", "50"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.count(" in the run, ") == 1 and "--topk: 4 in the run, 50 now" in err, err
+    assert json.loads((refused / "experiment_manifest.json").read_text())["status"] == "running"  # untouched
 
 
 def test_resume_refuses_a_changed_model_or_data_file(tiny, tmp_path, capsys):
