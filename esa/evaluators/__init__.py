@@ -7,7 +7,7 @@ Every module of this package is imported here, so a new evaluator is one new fil
 ``--evaluate``, its flags, the dry run and the journal all come from its registration.  ``spec``
 holds the run's evaluation settings (:class:`~esa.evaluators.spec.EvaluationSpec`).
 
-May import: esa.errors, esa.registry, esa.naming, esa.seeding, esa.options, esa.model, esa.outdir.
+May import: esa.errors, esa.registry, esa.naming, esa.seeding, esa.options, esa.model, esa.outdir, esa.analysis.
 """
 
 import importlib

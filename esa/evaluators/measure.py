@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from esa.evaluators.registry import EvalInputs, Evaluator
+from esa.evaluators.registry import EvalInputs, Evaluator, Measured
 from esa.options import Options
 from esa.outdir.journal import Journal
 
@@ -105,9 +105,21 @@ class Measurer:
         info = self._cached(cond.key, self.evaluators[0])["info"]
         return self._row({ev.name: self._cached(cond.key, ev)["record"] for ev in self.evaluators}, info)
 
+    def results_files(self, measured: list[Measured]) -> dict[str, dict]:
+        """``{results file: content}`` of every evaluator that has a results file of its own, from
+        the rows of ``measured`` (nothing when nothing was measured)."""
+        return results_files(self.evaluators, self.baselines(), measured) if measured else {}
+
     def _row(self, records: dict[str, dict], info: dict) -> dict:
         ref = self.evaluators[0].name
         return {**records[ref], **info, **{name: rec for name, rec in records.items() if name != ref}}
+
+
+def results_files(evaluators: list[Evaluator], baselines: dict[str, dict], measured: list[Measured]
+                  ) -> dict[str, dict]:
+    """``{results file: content}`` of each of ``evaluators`` that has one (``Evaluator.results_file``),
+    from its record of the unmodified model (``baselines[name]``) and the measured rows."""
+    return {ev.results_file: ev.results(baselines[ev.name], measured) for ev in evaluators if ev.results_file}
 
 
 def _headline(record: dict) -> str:

@@ -6,16 +6,22 @@ evaluator's record of the unmodified model (None while measuring that), so a rec
 change (perplexity's ``ratio``).  An evaluator is built once per run (expensive set-up such as
 building task requests happens in ``__init__``) and called for every condition.
 
-It declares what it needs (``needs``: ``eval_windows``, ``tokenizer``) and its settings
-(``options``, which become flags); :meth:`Evaluator.key` names it with its settings, so a journalled
-record is reused only by an evaluator with the same settings.
+It declares what it needs (``needs``: ``eval_windows``, ``tokenizer``, ``model``) and its settings
+(``options``, which become flags, checked by :meth:`Evaluator.validate` before the model loads);
+:meth:`Evaluator.key` names it with its settings, so a journalled record is reused only by an
+evaluator with the same settings.
+
+An evaluator may also have a results file of its own (``results_file``, e.g. ``task_results.json``):
+the tools hand it every row they measured, grouped as the experiments grouped them
+(:class:`Measured`), and write what :meth:`Evaluator.results` returns; reporting it is one module
+of ``esa/reporting`` (:mod:`esa.reporting.parts`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,18 +30,35 @@ import torch
 from esa.options import Option, Options
 from esa.registry import Registry
 
-NEEDS = ("eval_windows", "tokenizer")
+NEEDS = ("eval_windows", "tokenizer", "model")
 
 
 @dataclass(frozen=True)
 class EvalInputs:
-    """What evaluators may read besides the model: ``windows`` ``[W, L]`` int64 evaluation windows
-    (the same for every condition; None where a tool has none), ``batch_size`` windows per forward
-    pass, the ``tokenizer`` (None where a tool has none)."""
+    """What evaluators may read: ``windows`` ``[W, L]`` int64 evaluation windows (the same for every
+    condition; None where a tool has none), ``batch_size`` windows per forward pass, the
+    ``tokenizer`` (None where a tool has none), and the ``model`` every condition changes in place,
+    unmodified when the evaluators are built (for an evaluator that wraps it once, e.g. lm-eval's
+    HFLM; ``evaluate`` is always handed this same object)."""
 
     windows: torch.Tensor | None
     batch_size: int
     tokenizer: object | None = None
+    model: torch.nn.Module | None = None
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The rows one experiment of a run measured (or the super-weight ablation), for an evaluator's
+    own results file: ``rows[seed][group][condition]`` = the condition's row, which holds each
+    evaluator's record under the evaluator's name; ``group_by``: what the groups are (``k``, ``block
+    size``; "" for one group); ``pairs``: the conditions the experiment compares across seeds,
+    ``(a, b)`` = a vs b (perturbation: top_k vs each control)."""
+
+    experiment: str
+    rows: dict[int, dict[Hashable, dict[str, dict]]]
+    group_by: str = ""
+    pairs: tuple[tuple[str, str], ...] = ()
 
 
 class Evaluator:
@@ -46,6 +69,17 @@ class Evaluator:
     help: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     options: ClassVar[tuple[Option, ...]] = ()
+    results_file: ClassVar[str] = ""  # its own results file ("" = its records live only in the rows)
+
+    @classmethod
+    def validate(cls, options: Options) -> None:
+        """Checks of its options that need more than one value, or the environment (installed
+        packages, data folders); run before the model loads.  Raise :class:`esa.errors.UsageError`."""
+
+    @classmethod
+    def plan(cls, options: Options) -> str:
+        """What a dry run says about it (default: its name)."""
+        return cls.name
 
     def __init__(self, options: Options, inputs: EvalInputs) -> None:
         self.options = options
@@ -65,12 +99,17 @@ class Evaluator:
     def evaluate(self, model: torch.nn.Module, baseline: dict | None, label: str) -> dict:
         raise NotImplementedError
 
+    def results(self, baseline: dict, measured: list[Measured]) -> dict:
+        """The content of :attr:`results_file` from its record of the unmodified model and every
+        measured row (an empty list in the baseline tool); only called when it has a results file."""
+        raise NotImplementedError
+
 
 EVALUATORS: Registry[type[Evaluator]] = Registry("evaluator")
 
 
-def evaluator(name: str, *, help: str, needs: tuple[str, ...] = (), options: tuple[Option, ...] = ()
-              ) -> Callable[[type[Evaluator]], type[Evaluator]]:
+def evaluator(name: str, *, help: str, needs: tuple[str, ...] = (), options: tuple[Option, ...] = (),
+              results_file: str = "") -> Callable[[type[Evaluator]], type[Evaluator]]:
     """Register the decorated :class:`Evaluator` subclass as ``name`` (a duplicate name is an error)."""
     unknown = set(needs) - set(NEEDS)
     if unknown:
@@ -82,6 +121,7 @@ def evaluator(name: str, *, help: str, needs: tuple[str, ...] = (), options: tup
         if clash:
             raise ValueError(f"evaluator {name!r}: options {clash} are already declared by another evaluator")
         cls.name, cls.help, cls.needs, cls.options = name, help, frozenset(needs), tuple(options)
+        cls.results_file = results_file
         EVALUATORS.add(name, cls)
         return cls
     return deco
