@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,16 +38,19 @@ def register(part: Part) -> Part:
     return part
 
 
-def _present(out_dir: Path) -> list[Part]:
-    """The registered parts whose results file this out-dir holds (every reporting module loaded first)."""
+def _present(out_dir: Path, only: Iterable[str] | None = None) -> list[Part]:
+    """The registered parts whose results file this out-dir holds (every reporting module loaded
+    first), or only those of the results files named in ``only``."""
     for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
         importlib.import_module(f"esa.reporting.{module.name}")
-    return [p for p in PARTS.values() if (Path(out_dir) / p.results).is_file()]
+    wanted = None if only is None else set(only)
+    return [p for p in PARTS.values() if (Path(out_dir) / p.results).is_file()
+            and (wanted is None or p.results in wanted)]
 
 
-def figures(out_dir: Path) -> list[Path]:
-    """Draw every present part's figure; the paths drawn."""
-    drawn = [p.figure(Path(out_dir)) for p in _present(out_dir) if p.figure is not None]
+def figures(out_dir: Path, only: Iterable[str] | None = None) -> list[Path]:
+    """Draw every present part's figure (or those of the results files in ``only``); the paths drawn."""
+    drawn = [p.figure(Path(out_dir)) for p in _present(out_dir, only) if p.figure is not None]
     return [path for path in drawn if path is not None]
 
 
@@ -55,5 +58,5 @@ def sections(out_dir: Path) -> list[str]:
     return [line for p in _present(out_dir) if p.section is not None for line in p.section(Path(out_dir))]
 
 
-def console(out_dir: Path) -> list[str]:
-    return [line for p in _present(out_dir) if p.console is not None for line in p.console(Path(out_dir))]
+def console(out_dir: Path, only: Iterable[str] | None = None) -> list[str]:
+    return [line for p in _present(out_dir, only) if p.console is not None for line in p.console(Path(out_dir))]

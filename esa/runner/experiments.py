@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 
+from esa.evaluators.registry import Measured
 from esa.experiment.registry import EXPERIMENTS, Experiment, Rows, SeedSelections
 from esa.runner import checkpoint
 from esa.runner.context import RunContext
@@ -24,7 +25,13 @@ def experiments(ctx: RunContext) -> list[Experiment]:
 def measure_experiments(view: RunContext, selections: list[SeedSelections]) -> dict[str, dict]:
     """Each enabled experiment's results for one metric: every condition of every seed measured
     (``{experiment name: results-file content}``)."""
-    out = {}
+    return measure_all(view, selections)[0]
+
+
+def measure_all(view: RunContext, selections: list[SeedSelections]) -> tuple[dict[str, dict], list[Measured]]:
+    """:func:`measure_experiments`, and each experiment's measured rows (for the evaluators' own
+    results files, :meth:`esa.evaluators.measure.Measurer.results_files`)."""
+    out, measured = {}, []
     for exp in experiments(view):
         rows: Rows = {}
         base = view.measurer.baseline()
@@ -35,7 +42,9 @@ def measure_experiments(view: RunContext, selections: list[SeedSelections]) -> d
                     rows.setdefault(sel.seed, {}).setdefault(group, {})[cond.name] = row
                     log.info("%s: perplexity %s (ratio %.4g)", cond.label, row.get("ppl"), row.get("ratio", math.nan))
         out[exp.name] = exp.results(rows, base)
-    return out
+        names = list(dict.fromkeys(c for groups in rows.values() for conds in groups.values() for c in conds))
+        measured.append(Measured(exp.name, rows, exp.group_by, tuple(exp.pairs(names))))
+    return out, measured
 
 
 def detect_super_weights(ctx: RunContext) -> dict:

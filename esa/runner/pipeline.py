@@ -35,9 +35,10 @@ from esa.outdir.layout import claim_out_dir, describe_run
 from esa.outdir.manifest import Manifest
 from esa.runner import checkpoint, records
 from esa.runner.context import RunContext
-from esa.runner.experiments import detect_super_weights, experiments, measure_experiments, with_overlap
+from esa.runner.experiments import detect_super_weights, experiments, measure_all, with_overlap
 from esa.runner.results import MetricResult, RunResult, write_outputs, write_selections
 from esa.runner.seeds import SeedScores, check_sizes, score_seed
+from esa.superweights.ablation import ablation_measured
 
 log = logging.getLogger("esa")
 
@@ -117,7 +118,7 @@ def load(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manif
         data = load_spec(tok, cfg.data)
     journal = Journal(out_dir, write=is_main)
     done = journal.load() if cfg.output.resume else None
-    evaluators = cfg.evaluation.build(EvalInputs(data.eval_windows, cfg.data.batch_size, tok))
+    evaluators = cfg.evaluation.build(EvalInputs(data.eval_windows, cfg.data.batch_size, tok, model))
     ctx = RunContext(cfg, choice, model, tok, targets, data, out_dir, manifest, is_main,
                      measurer=Measurer(model, evaluators, journal, done))
     for exp in experiments(ctx):
@@ -199,7 +200,10 @@ def _run(ctx: RunContext) -> RunResult:
         res = run.metrics[m]
         if ctx.super_weights is not None:
             res.super_weights = with_overlap(view, ctx.super_weights, res.selections)
-        res.experiments = measure_experiments(view, res.selections)
+        res.experiments, measured = measure_all(view, res.selections)
+        if ctx.super_weights is not None and (abl := ablation_measured(ctx.super_weights)) is not None:
+            measured.append(abl)
+        res.evaluations = ctx.measurer.results_files(measured)  # e.g. task_results.json
     if is_main:
         write_outputs(ctx, views, run)
     return run

@@ -20,8 +20,9 @@ log = logging.getLogger("esa")
 @dataclass
 class MetricResult:
     """One metric of a run: every seed's selections, the Top-K rows written to top_weights.csv, the
-    cross-seed stability, each experiment's results (``{experiment name: results-file content}``)
-    and the super-weight result with this metric's Top-K overlap."""
+    cross-seed stability, each experiment's results (``{experiment name: results-file content}``),
+    the super-weight result with this metric's Top-K overlap, and the evaluators' own results files
+    (``{file name: content}``, e.g. ``task_results.json``)."""
 
     metric: str
     selections: list[SeedSelections]
@@ -29,6 +30,7 @@ class MetricResult:
     stability: dict | None = None
     experiments: dict[str, dict] = field(default_factory=dict)
     super_weights: dict | None = None
+    evaluations: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,8 +72,8 @@ def write_outputs(ctx: RunContext, views: dict[str, RunContext], run: RunResult)
         if res.super_weights is not None:
             for name in write_super_weights(res.super_weights, view.out_dir):
                 view.manifest.add_file(name)
-        for name, content in res.experiments.items():
-            results_file = EXPERIMENTS[name].results_file
+        files = {EXPERIMENTS[name].results_file: content for name, content in res.experiments.items()}
+        for results_file, content in {**files, **res.evaluations}.items():
             records.write_json(view.out_dir / results_file, content)
             view.manifest.add_file(results_file)
         with manifest.phase("plots"):  # each results file's own figure (reporting.parts), with or without --save-plots
