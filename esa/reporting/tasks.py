@@ -155,4 +155,7 @@ def plot(out_dir: Path) -> Path | None:
     return save(fig, out_dir / PLOT)
 
 
-register(Part(RESULTS, figure=plot, section=markdown_section, console=console_lines))
+register(Part(RESULTS, figure=plot, section=markdown_section, console=console_lines, notes=(
+    (RESULTS, "zero-shot lm-eval tasks (--eval-tasks): each task's split, chance level and config hash; the "
+              "baseline's and every condition's acc and acc_norm per seed; mean ± std and Welch tests over seeds"),
+    (PLOT, "zero-shot task accuracy per condition, chance levels dashed (PNG)"))))
