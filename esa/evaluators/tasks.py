@@ -265,13 +265,13 @@ class Tasks(Evaluator):
     def _scores(self, label: str) -> dict[str, dict]:
         from lm_eval.evaluator import evaluate
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with quiet(_verbose()), torch.no_grad():
             res = evaluate(lm=self.lm, task_dict=self.task_dict, limit=self.options.tasks_limit, log_samples=False)
         record = {name: {**rec, **self.facts.get(name, {})} for name, rec in scores(res).items()}
-        log.info("%s: %s (%.1f s)", label, "; ".join(
+        log.info("%s: %s (tasks %.1f s, %.1f s CPU)", label, "; ".join(
             f"{name} acc {rec['acc']:.4f}" + (f" norm {rec['acc_norm']:.4f}" if "acc_norm" in rec else "")
-            for name, rec in record.items() if "acc" in rec), time.perf_counter() - start)
+            for name, rec in record.items() if "acc" in rec), time.perf_counter() - start, time.process_time() - cpu)
         return record
 
     def results(self, baseline: dict, measured: list[Measured]) -> dict:
