@@ -196,3 +196,47 @@ def test_without_lm_eval_the_error_names_the_install_command(monkeypatch, capsys
     assert esa_runner.main(["--eval-tasks", "arc_easy", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert 'pip install "lm-eval[hf]>=0.4.10,<0.5"' in err and len(err.splitlines()) == 1
+
+
+def test_a_run_scores_every_condition_of_every_seed_and_reports_them(tmp_path, capsys):
+    """Through the runner: every condition's row carries its task record, task_results.json gathers them
+    per seed with the statistics, report.md, the figure and the console show them."""
+    import json
+
+    from tests.realmodels import CORPUS, tiny_model_dir
+
+    out = tmp_path / "run"
+    assert esa_runner.main([
+        "--model", str(tiny_model_dir(tmp_path / "tiny")), "--device", "cpu", "--dtype", "fp32",
+        "--data-file", str(CORPUS), "--metric", "magnitude", "--mode", "global", "--topk", "20", "--perturb", "zero",
+        "--controls", "random_k", "--seeds", "0,1", "--max-length", "24", "--max-samples", "2", "--eval-samples", "2",
+        "--batch-size", "2", "--eval-tasks", "arc_easy", "--tasks-limit", "3", "--out-dir", str(out)]) == 0
+    res = json.loads((out / "task_results.json").read_text())
+    pert = json.loads((out / "perturbation_results.json").read_text())
+    block = res["experiments"]["perturbation"]
+    for seed in ("0", "1"):
+        for cond in ("top_k", "random_k"):
+            row = pert["per_seed"][seed][cond]["tasks"]["arc_easy"]
+            assert block["per_seed"][seed]["20"][cond]["arc_easy"] == {
+                k: v for k, v in row.items() if k not in res["tasks"]["arc_easy"]}
+    assert res["baseline"]["arc_easy"]["items"] == 3 and res["tasks"]["arc_easy"]["registered_split"] == "test"
+    assert "top_k_vs_random_k" in block["tests"]["20"] and "acc" in block["summary"]["20"]["top_k"]["arc_easy"]
+    assert "## Zero-shot tasks" in (out / "report.md").read_text() and (out / "task_accuracy.png").is_file()
+    assert "arc_easy [validation split, NOT lm-eval's test]: baseline" in capsys.readouterr().out
+
+
+def test_the_baseline_tool_gives_the_unmodified_models_table(tmp_path, capsys):
+    import json
+
+    from esa.cli.baseline import main as baseline_main
+    from tests.realmodels import CORPUS, tiny_model_dir
+
+    out = tmp_path / "baseline"
+    assert baseline_main(["--model", str(tiny_model_dir(tmp_path / "tiny")), "--device", "cpu", "--dtype", "fp32",
+                          "--datasets", str(CORPUS), "--context-lens", "16", "--max-windows", "2",
+                          "--eval-tasks", "piqa", "--tasks-limit", "3", "--out-dir", str(out)]) == 0
+    res = json.loads((out / "task_results.json").read_text())
+    assert res["experiments"] == {} and res["baseline"]["piqa"]["items"] == 3
+    recorded = json.loads((out / "baseline_results.json").read_text())["evaluations"]["tasks"]["piqa"]
+    assert recorded["acc"] == res["baseline"]["piqa"]["acc"] and (out / "task_accuracy.png").is_file()
+    assert "piqa [validation split]: baseline" in capsys.readouterr().out
