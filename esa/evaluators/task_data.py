@@ -77,7 +77,7 @@ OLDER_NAMES: dict[tuple[str, str | None], tuple[str, Callable | None]] = {
 # lm-eval's task folders holding the tasks that read OLDER_NAMES: an index of these takes 0.02 s,
 # the index of all ~15,000 lm-eval tasks 10-35 s (built only for a name outside these folders)
 FAST_INDEX = ("arc", "piqa", "winogrande", "sciq", "hellaswag", "openbookqa", "super_glue/boolq",
-              "super_glue/copa", "super_glue/cb")
+              "super_glue/copa", "super_glue/cb", "lambada")
 
 
 def require_lm_eval() -> str:
@@ -157,9 +157,9 @@ def local_copy(root: Path, dataset_path: str | None, dataset_name: str | None) -
     for folder, adapter in tried:
         if _splits(folder):
             return folder, adapter
-    return_names = " or ".join(f"{f}/<split>/" for f, _ in tried)
+    looked = " or ".join(f"{f}/<split>/" for f, _ in tried)
     raise UsageError(f"no local copy of {dataset_path}" + (f" ({dataset_name})" if dataset_name else "")
-                     + f": looked for {return_names} (datasets' save_to_disk folders); --tasks-dir {HUB} reads "
+                     + f": looked for {looked} (datasets' save_to_disk folders); --tasks-dir {HUB} reads "
                      "it from the hub")
 
 
