@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from esa.analysis.significance import compare, describe
 from esa.evaluators.registry import Measured
 
 TESTED = ("acc", "acc_norm")
@@ -33,6 +32,8 @@ def _main_metrics(rec: dict) -> list[str]:
 
 def summary(per_seed: dict[str, dict]) -> dict:
     """``per_seed[seed][group][condition][task]`` -> ``[group][condition][task][metric]`` statistics."""
+    from esa.analysis.significance import describe  # scipy: only when results are written, never for --help
+
     first = next(iter(per_seed.values()))
     out: dict = {}
     for group, conds in first.items():
@@ -47,6 +48,8 @@ def summary(per_seed: dict[str, dict]) -> dict:
 
 def tests(per_seed: dict[str, dict], pairs: tuple[tuple[str, str], ...]) -> dict:
     """``[group]["<a>_vs_<b>"][task][metric]``: Welch's test of condition a vs b over seeds."""
+    from esa.analysis.significance import compare
+
     first = next(iter(per_seed.values()))
     out: dict = {}
     for group, conds in first.items():
