@@ -249,8 +249,10 @@ class Tasks(Evaluator):
         # Data parallel (torchrun): every rank holds the whole model, so rank 0 scores every item and
         # broadcasts the record; the other ranks wait (distributed.from_main).  Splitting the items
         # across ranks would need lm-eval's own launcher (pretrained=<name>), not a model in memory.
-        # A sharded model (FSDP) would instead need every rank to run the same forwards: that
-        # decision sits here.
+        # A sharded model (--shard fsdp, refused for this evaluator by esa.config.validate_sharded)
+        # needs the opposite, and this is where to decide it: every rank runs the same evaluate() in
+        # lock-step (the same requests in the same batches, so FSDP's all-gathers match) and no
+        # broadcast is needed.
         if model is not self.inputs.model:
             raise RuntimeError("the tasks evaluator measures the model it was built with (HFLM wraps it once)")
         record = distributed.from_main(lambda: self._scores(label))
