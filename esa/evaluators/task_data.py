@@ -229,7 +229,12 @@ def building(data: TaskData) -> Iterator[None]:
     def download(self, dataset_kwargs=None, **kwargs) -> None:
         self.esa_registered_split = self.config.test_split or self.config.validation_split
         if data.dir is None:
-            original(self, dataset_kwargs, **kwargs)
+            try:
+                original(self, dataset_kwargs, **kwargs)
+            except Exception as exc:  # offline, a gated dataset, a renamed repository: the user's to fix
+                why = (str(exc).strip().splitlines() or [""])[0][:300]
+                raise UsageError(f"task {self.config.task}: its data ({self.config.dataset_path}) could not be "
+                                 f"loaded from the hub or the datasets cache: {type(exc).__name__}: {why}") from None
             self.esa_data = HUB
         else:
             _use_local(self, data.dir, cache)
