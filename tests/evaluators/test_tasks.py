@@ -240,3 +240,19 @@ def test_the_baseline_tool_gives_the_unmodified_models_table(tmp_path, capsys):
     recorded = json.loads((out / "baseline_results.json").read_text())["evaluations"]["tasks"]["piqa"]
     assert recorded["acc"] == res["baseline"]["piqa"]["acc"] and (out / "task_accuracy.png").is_file()
     assert "piqa [validation split]: baseline" in capsys.readouterr().out
+
+
+def test_with_the_hub_every_task_reads_its_own_data_and_a_failure_is_a_usage_error(tiny, monkeypatch):
+    import datasets
+
+    asked = []
+
+    def offline(path, name=None, **_):
+        asked.append((path, name))
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    model, tok = tiny
+    with pytest.raises(UsageError, match=r"task arc_easy: its data \(allenai/ai2_arc\) could not be loaded .*Offline"):
+        EVALUATORS["tasks"](options(tasks_dir="hub"), EvalInputs(None, 1, tok, model))
+    assert asked == [("allenai/ai2_arc", "ARC-Easy")]  # the hub, never the local copy
