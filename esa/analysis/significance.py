@@ -22,7 +22,8 @@ import numpy as np
 from scipy import stats
 
 
-def _describe(values: list[float]) -> dict:
+def describe(values: list[float]) -> dict:
+    """mean, sample std (ddof 1), min, max and the values; an infinite value makes the mean inf, the std None."""
     a = np.asarray(values, dtype=np.float64)
     finite = bool(np.isfinite(a).all())
     if finite and (a == a[0]).all():  # one value (a seed-independent condition): exactly it, no spread;
@@ -43,8 +44,8 @@ def condition_summary(per_seed: dict[str, dict]) -> dict:
         ok = [r for r in rows if r.get("ppl") is not None]
         out[c] = {"n_seeds": len(ok), "std_ddof": 1}
         if len(ok) >= 2:
-            out[c]["delta_ppl"] = _describe([r["delta_ppl"] for r in ok])
-            out[c]["ratio"] = _describe([r["ratio"] for r in ok])
+            out[c]["delta_ppl"] = describe([r["delta_ppl"] for r in ok])
+            out[c]["ratio"] = describe([r["ratio"] for r in ok])
     return out
 
 

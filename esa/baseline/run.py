@@ -14,12 +14,14 @@ from esa.baseline.config import ROW_JOIN_NOTE, SEED_SEMANTICS, BaselineConfig, s
 from esa.data import DATASETS, bos_policy, tokenize
 from esa.errors import UsageError
 from esa.evaluators import EvalInputs
+from esa.evaluators.measure import results_files
 from esa.model.forward import NaNLossError
 from esa.model.introspect import model_record
 from esa.model.session import start_tool
 from esa.options import flat_json
 from esa.outdir.atomic import write_json
 from esa.outdir.provenance import git_sha, versions
+from esa.reporting import parts
 
 log = logging.getLogger("esa")
 
@@ -84,17 +86,21 @@ def print_table(rows: list[dict]) -> None:
     print("\n".join(lines), flush=True)
 
 
-def other_evaluations(cfg: BaselineConfig, model, tok, tokens, context: int, policy: dict) -> dict:
+def other_evaluations(cfg: BaselineConfig, model, tok, tokens, context: int, policy: dict
+                      ) -> tuple[dict, dict[str, dict]]:
     """Every evaluator but perplexity (whose table this tool is), once on the unmodified model: on the
-    non-overlapping windows of the first dataset at the first context (``--max-windows`` of them)."""
+    non-overlapping windows of the first dataset at the first context (``--max-windows`` of them).
+    Returns the records (for ``baseline_results.json``) and the evaluators' own results files
+    (``{file name: content}``, e.g. ``task_results.json``, with the baseline alone)."""
     plan = baseline.plan_windows(tokens, context, None, policy, cfg.max_windows)
     windows = plan.groups[0][0]
-    evaluators = cfg.evaluation.build(EvalInputs(windows, cfg.windows_per_batch(context), tok))[1:]
-    out = {"windows": int(windows.shape[0]), "window_tokens": int(windows.shape[1])}
+    evaluators = cfg.evaluation.build(EvalInputs(windows, cfg.windows_per_batch(context), tok, model))[1:]
+    records = {}
     for ev in evaluators:
         log.info("baseline %s on %d windows of %d tokens", ev.name, *windows.shape)
-        out[ev.name] = ev.evaluate(model, None, "baseline")
-    return out
+        records[ev.name] = ev.evaluate(model, None, "baseline")
+    out = {"windows": int(windows.shape[0]), "window_tokens": int(windows.shape[1]), **records}
+    return out, results_files(evaluators, records, [])
 
 
 def run(cfg: BaselineConfig, out_dir: str | Path) -> int:
@@ -139,11 +145,19 @@ def run(cfg: BaselineConfig, out_dir: str | Path) -> int:
                         rows.append({**head, "error": str(exc)})
                     write_json(out_dir / "baseline_results.json", results)  # after every row: long runs show progress
                     manifest.add_file("baseline_results.json")
+        files: dict[str, dict] = {}
         if len(cfg.evaluation.evaluate) > 1:
             with manifest.phase("evaluate"):
-                results["evaluations"] = other_evaluations(cfg, model, tok, texts[0][3], contexts[0], policy)
+                results["evaluations"], files = other_evaluations(cfg, model, tok, texts[0][3], contexts[0], policy)
             write_json(out_dir / "baseline_results.json", results)
+            for name, content in files.items():
+                write_json(out_dir / name, content)
+                manifest.add_file(name)
+            for figure in parts.figures(out_dir, only=files):
+                manifest.add_file(figure.name)
         print_table(rows)
+        for line in parts.console(out_dir, only=files):
+            print(line, flush=True)
         failed = [r for r in rows if "error" in r]
         manifest.finish("failed" if failed else "success",
                         f"NaN loss in {len(failed)} evaluation(s)" if failed else None)

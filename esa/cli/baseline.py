@@ -32,7 +32,7 @@ from esa.cli import flags
 from esa.cli.common import Parser, explicit, plan_device, tool_main
 from esa.data import DATASET_ALIASES, DATASETS, check_text_file
 from esa.errors import UsageError
-from esa.evaluators import evaluator_options
+from esa.evaluators import EVALUATORS, evaluator_options
 from esa.evaluators.spec import EvaluationSpec, validate_evaluation
 from esa.model.device import ModelSpec
 from esa.naming import canonical
@@ -156,7 +156,9 @@ def plan(cfg: BaselineConfig) -> tuple[str, list[tuple[str, str]], tuple[str, ..
             ("seeds", f"{', '.join(map(str, cfg.seeds))} (deterministic: identical results for every seed)"),
             ("out dir", str(cfg.out_dir or default_baseline_dir(cfg))),
             ("evaluations", f"{max(1, len(cfg.datasets)) * len(cfg.contexts) * len(cfg.strides)} "
-                            "(datasets x contexts x strides)")]
+                            "(datasets x contexts x strides)"),
+            *([("also", ", ".join(EVALUATORS[n].plan(cfg.evaluation.options) for n in cfg.evaluation.evaluate[1:])
+                        + " of the unmodified model, once")] if len(cfg.evaluation.evaluate) > 1 else [])]
     return "baseline plan (dry run: no model is loaded, nothing is written)", rows, choice.warnings
 
 

@@ -17,8 +17,9 @@ from esa.outdir.layout import describe_run, run_files
 OUTPUT_FILES = ("config.json", "experiment_manifest.json", "top_weights.csv", "sensitivity_stats.json",
                 "score_distribution.npz", "report.md")
 SUPER_WEIGHT_FILES = ("super_weights.json", "super_weights.txt", "super_weights.png")
-EXPERIMENT_PLOTS = {"quantization": ("quantization.png",)}  # the experiments' own figures (always drawn)
-EVALUATOR_PLOTS = {"activations": ("activations.png",)}  # the evaluators' own figures (always drawn)
+# the figures of the experiments' and evaluators' own results files (always drawn: esa.reporting.parts)
+FIGURES = {"quantization_results.json": ("quantization.png",), "task_results.json": ("task_accuracy.png",),
+           "activations.json": ("activations.png",)}
 
 
 def writable_dir(path: Path) -> bool:
@@ -64,11 +65,11 @@ def output_files(cfg: RunConfig) -> list[str]:
         return ["config.json", "experiment_manifest.json", "metric_agreement.json", "metric_agreement.png",
                 "report.md", f"metrics/{{{','.join(metrics)}}}/{{{','.join(each)}}}"]
     files = list(OUTPUT_FILES)
-    for name in cfg.experiment.enabled():
-        files += [EXPERIMENTS[name].results_file, *EXPERIMENT_PLOTS.get(name, ())]
-    for name in cfg.evaluation.evaluate:
-        if EVALUATORS[name].results_file:
-            files += [EVALUATORS[name].results_file, *EVALUATOR_PLOTS.get(name, ())]
+    results = [EXPERIMENTS[name].results_file for name in cfg.experiment.enabled()]
+    if results or cfg.super_weights.detect_super_weights:  # something is measured: the evaluators' own files
+        results += [EVALUATORS[name].results_file for name in cfg.evaluation.evaluate if EVALUATORS[name].results_file]
+    for name in results:
+        files += [name, *FIGURES.get(name, ())]
     if cfg.scoring.stability_check and len(cfg.scoring.seeds) >= 2:
         files.append("stability_summary.json")
     if cfg.super_weights.detect_super_weights:
@@ -128,7 +129,7 @@ def runner_plan(cfg: RunConfig) -> str:
         *([("quantize", quantize_plan(cfg))] if o.quantize else []),
         ("super weights", "detect, ablate and rank in each seed's Top-K" if cfg.super_weights.detect_super_weights
          else "-"),
-        ("evaluate", ", ".join(cfg.evaluation.evaluate)),
+        ("evaluate", cfg.evaluation.describe()),
         ("outputs", f"{out_dir} -> {', '.join(output_files(cfg))}"
          + ("" if writable_dir(out_dir) else "  (NOT writable: a real run would stop)")
          + (f"  (holds another run: {describe_run(out_dir)}; a real run would stop; --overwrite replaces it)"

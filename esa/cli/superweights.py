@@ -74,7 +74,7 @@ def plan(cfg: SuperWeightConfig) -> tuple[str, list[tuple[str, str]], tuple[str,
                      f"at most {cfg.max_super_weights} candidates"),
             ("data", cfg.data_file or "WikiText-2 test split if loadable, else the bundled sample corpus"),
             ("ablation", f"{cfg.eval_samples} windows x {cfg.max_length} tokens, batch {cfg.batch_size}, "
-                         f"random control seed {cfg.seed}; measured by {', '.join(cfg.evaluation.evaluate)}"),
+                         f"random control seed {cfg.seed}; measured by {cfg.evaluation.describe()}"),
             ("out dir", str(cfg.out_dir or default_super_weights_dir(cfg)))]
     return "super-weight plan (dry run: no model is loaded, nothing is written)", rows, choice.warnings
 

@@ -119,15 +119,14 @@ class Activations(Evaluator):
         return rec
 
     def results(self, baseline: dict, measured: list[Measured]) -> dict:
-        """``activations.json``: the thresholds, the baseline record and every condition's record (with
-        its experiment, seed, group, and the reference perplexity and ratio)."""
-        base = baseline[self.name]
-        conditions = [{"experiment": m.experiment, "seed": m.seed, "group": m.group, "condition": m.condition,
-                       "ppl": m.row.get("ppl"), "ppl_ratio": m.row.get("ratio"), **m.row[self.name]}
-                      for m in measured if self.name in m.row]
-        return {"rule": RULE, "massive_min": base["massive_min"], "massive_ratio": base["massive_ratio"],
-                "windows": base["windows"], "tokens_per_window": base["tokens_per_window"],
-                "baseline_ppl": baseline.get("ppl"), "baseline": base, "conditions": conditions}
+        """``activations.json``: the thresholds, its record of the unmodified model and every
+        condition's record (with its experiment, seed, group, and the reference perplexity and ratio)."""
+        conditions = [{"experiment": m.experiment, "seed": seed, "group": str(group), "condition": cond,
+                       "ppl": row.get("ppl"), "ppl_ratio": row.get("ratio"), **row[self.name]}
+                      for m in measured for seed, group, cond, row in m.each() if self.name in row]
+        return {"rule": RULE, "massive_min": baseline["massive_min"], "massive_ratio": baseline["massive_ratio"],
+                "windows": baseline["windows"], "tokens_per_window": baseline["tokens_per_window"],
+                "baseline": baseline, "conditions": conditions}
 
 
 def _layers(sink: residual.ResidualPass) -> tuple[list[dict], torch.Tensor]:

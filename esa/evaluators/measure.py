@@ -34,7 +34,7 @@ from typing import Protocol
 
 import torch
 
-from esa.evaluators.registry import EvalInputs, Evaluator
+from esa.evaluators.registry import EvalInputs, Evaluator, Measured
 from esa.options import Options
 from esa.outdir.journal import Journal
 
@@ -135,6 +135,11 @@ class Measurer:
         info = self._cached(cond.key, self.evaluators[0])["info"]
         return self._row({ev.name: self._cached(cond.key, ev)["record"] for ev in self.evaluators}, info)
 
+    def results_files(self, measured: list[Measured]) -> dict[str, dict]:
+        """``{results file: content}`` of every evaluator that has a results file of its own, from
+        the rows of ``measured`` (nothing when nothing was measured)."""
+        return results_files(self.evaluators, self.baselines(), measured) if measured else {}
+
     def _row(self, records: dict[str, dict], info: dict) -> dict:
         ref = self.evaluators[0].name
         return {**records[ref], **info, **{name: rec for name, rec in records.items() if name != ref}}
@@ -145,6 +150,13 @@ def _same_inputs(ev: Evaluator, driver: Evaluator) -> bool:
     a, b = ev.inputs.windows, driver.inputs.windows
     return (a is not None and b is not None and ev.inputs.batch_size == driver.inputs.batch_size
             and (a is b or (a.shape == b.shape and torch.equal(a, b))))
+
+
+def results_files(evaluators: list[Evaluator], baselines: dict[str, dict], measured: list[Measured]
+                  ) -> dict[str, dict]:
+    """``{results file: content}`` of each of ``evaluators`` that has one (``Evaluator.results_file``),
+    from its record of the unmodified model (``baselines[name]``) and the measured rows."""
+    return {ev.results_file: ev.results(baselines[ev.name], measured) for ev in evaluators if ev.results_file}
 
 
 def _headline(record: dict) -> str:

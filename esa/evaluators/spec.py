@@ -34,6 +34,10 @@ class EvaluationSpec:
         """The evaluators of the run, built once (the reference first)."""
         return [EVALUATORS[name](self.options, inputs) for name in self.evaluate]
 
+    def describe(self) -> str:
+        """What a dry run says will be measured: each evaluator's :meth:`~Evaluator.plan`."""
+        return ", ".join(EVALUATORS[name].plan(self.options) for name in self.evaluate)
+
 
 def with_implied(spec: EvaluationSpec, given: set[str]) -> EvaluationSpec:
     """``spec`` with every evaluator whose own option, or a setting it is ``implied_by``, was typed added
@@ -45,10 +49,13 @@ def with_implied(spec: EvaluationSpec, given: set[str]) -> EvaluationSpec:
 
 
 def validate_evaluation(spec: EvaluationSpec) -> None:
-    """The reference evaluator comes first; each option's own check (UsageError)."""
+    """The reference evaluator comes first; each option's own check, then each requested evaluator's
+    :meth:`~esa.evaluators.registry.Evaluator.validate` (UsageError)."""
     if not spec.evaluate or spec.evaluate[0] != REFERENCE:
         raise UsageError(f"--evaluate must start with {REFERENCE} (every table reports the ratio to the unmodified "
                          f"model's {REFERENCE}), e.g. --evaluate {','.join((REFERENCE, *spec.evaluate[:1]))}; got "
                          f"{','.join(spec.evaluate) or 'nothing'}")
     if (why := check_all(evaluator_options(), spec.options)) is not None:
         raise UsageError(why)
+    for name in spec.evaluate:
+        EVALUATORS[name].validate(spec.options)

@@ -97,6 +97,13 @@ OPTIONS = (
 @experiment("perturbation", results_file=RESULTS, options=OPTIONS,
             help="the Top-K and every control perturbed in place (--perturb), per seed and sweep k")
 class Perturbation(Experiment):
+    group_by = "k"
+
+    @classmethod
+    def pairs(cls, conditions: list[str]) -> list[tuple[str, str]]:
+        """Top-K against each control (the statistics of ``results``: significance.top_vs_controls)."""
+        return [("top_k", c) for c in conditions if c != "top_k"]
+
     @classmethod
     def enabled(cls, opts: Options) -> bool:
         return opts.perturb is not None

@@ -113,6 +113,13 @@ def candidate_protection(sw: dict | None, names: set[str]) -> dict[str, torch.Te
 @experiment("quantization", results_file=RESULTS, options=OPTIONS,
             help="RTN quantization of the linear weights per block size, with and without protected weights")
 class Quantization(Experiment):
+    group_by = "block size"
+
+    @classmethod
+    def pairs(cls, conditions: list[str]) -> list[tuple[str, str]]:
+        """protect_topk against protect_random_k (as many random weights protected)."""
+        return [("protect_topk", "protect_random_k")] if {"protect_topk", "protect_random_k"} <= set(conditions) else []
+
     @classmethod
     def enabled(cls, opts: Options) -> bool:
         return opts.quantize is not None
@@ -180,6 +187,6 @@ class Quantization(Experiment):
             for b in map(str, o.block_sizes):
                 by_seed = {s: per_seed[s][b] for s in per_seed}
                 out["summary"][b] = significance.condition_summary(by_seed)
-                out["tests"][b] = {"protect_topk_vs_protect_random_k":
-                                   significance.condition_vs(by_seed, "protect_topk", "protect_random_k")}
+                out["tests"][b] = {f"{x}_vs_{y}": significance.condition_vs(by_seed, x, y)
+                                   for x, y in self.pairs(list(by_seed[next(iter(by_seed))]))}
         return out

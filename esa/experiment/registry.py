@@ -92,6 +92,13 @@ class Experiment:
     help: ClassVar[str] = ""
     results_file: ClassVar[str] = ""
     options: ClassVar[tuple[Option, ...]] = ()
+    group_by: ClassVar[str] = ""  # what its conditions' groups are ("k", "block size")
+
+    @classmethod
+    def pairs(cls, conditions: list[str]) -> list[tuple[str, str]]:
+        """The conditions it compares across seeds, ``(a, b)`` = a vs b, among ``conditions``; an
+        evaluator's own results file tests the same pairs (default: none)."""
+        return []
 
     @classmethod
     def enabled(cls, opts: Options) -> bool:

@@ -7,6 +7,10 @@ sums are all-reduced (summed), so every rank ends with the scores and perplexiti
 would compute, up to float summation order.  Selection is then computed on every rank from the
 identical reduced scores (and checked to agree); only rank 0 writes files and prints.
 
+Work that cannot be split (an lm-evaluation-harness run on an in-memory model) runs on rank 0
+alone, and its result is broadcast to every rank (:func:`from_main`), so that every rank holds the
+same records and takes the same path afterwards.
+
 Backend: nccl for CUDA (one GPU per rank, ``cuda:$LOCAL_RANK``), gloo on CPU.  Without torchrun
 (no ``WORLD_SIZE`` > 1 in the environment) every function here is the single-process identity.
 
@@ -21,7 +25,8 @@ import contextlib
 import datetime
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -30,6 +35,11 @@ from esa.errors import UsageError
 
 TIMEOUT_ENV = "ESA_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600
+T = TypeVar("T")
+# How long the other ranks wait for rank 0's work in from_main (an lm-eval run of a large model on
+# large tasks can take an hour per condition).  Waiting happens on a gloo group of its own, so neither
+# the run's collective timeout ($ESA_DIST_TIMEOUT_S) nor the nccl watchdog fires meanwhile.
+MAIN_ONLY_TIMEOUT = datetime.timedelta(hours=12)
 
 
 def launched_world_size() -> int:
@@ -252,3 +262,32 @@ def _comm_device() -> torch.device:
     if tdist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def from_main(compute: Callable[[], T]) -> T:
+    """``compute()`` run on rank 0 alone; every rank returns its (picklable) result.
+
+    The other ranks wait in a broadcast on a temporary gloo group (timeout
+    :data:`MAIN_ONLY_TIMEOUT`) while rank 0 works.  An exception on rank 0 reaches every rank: a
+    :class:`UsageError` as the same one-line error (exit 2 everywhere), anything else as a
+    RuntimeError naming it, so no rank is left waiting.  Every rank must call this at the same point.
+    """
+    if not active():
+        return compute()
+    group = tdist.new_group(backend="gloo", timeout=MAIN_ONLY_TIMEOUT)
+    try:
+        box: list = [None]
+        if is_main():
+            try:
+                box[0] = ("ok", compute())
+            except BaseException as exc:
+                tdist.broadcast_object_list([("error", type(exc).__name__, str(exc),
+                                              isinstance(exc, UsageError))], src=0, group=group)
+                raise
+        tdist.broadcast_object_list(box, src=0, group=group)
+    finally:
+        tdist.destroy_process_group(group)
+    if box[0][0] == "error":
+        _, kind, message, usage = box[0]
+        raise UsageError(message) if usage else RuntimeError(f"rank 0 failed: {kind}: {message}")
+    return box[0][1]

@@ -106,10 +106,11 @@ def file_list(out_dir: Path, manifest: dict | None) -> list[str]:
     names += sorted((n for n in found if n not in names), key=lambda n: (order.get(n, len(order)), n))
     names += [n for n in ("experiment_manifest.json", "report.md") if n not in names]
     titles = {f"plots/{s.file}": s.title for s in PLOTS}
+    notes = {**FILE_NOTES, **parts.file_notes()}
     out = ["| file | content |", "|---|---|"]
     for n in names:
         if n == "report.md" or (out_dir / n).is_file():
-            out.append(f"| `{n}` | {FILE_NOTES.get(n) or (titles.get(n, 'plot') + ' (PNG)')} |")
+            out.append(f"| `{n}` | {notes.get(n) or (titles.get(n, 'plot') + ' (PNG)')} |")
     if (out_dir / CHECKPOINT_DIR).is_dir():
         out.append(f"| `{CHECKPOINT_DIR}/` | resume state: each seed's selections, every evaluated condition, the "
                    "super-weight search (`--resume OUT_DIR`) |")

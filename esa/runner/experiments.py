@@ -22,12 +22,16 @@ def experiments(ctx: RunContext) -> list[Experiment]:
     return [EXPERIMENTS[name](ctx) for name in ctx.cfg.experiment.enabled()]
 
 
-def measure_experiments(view: RunContext, selections: list[SeedSelections], measured: list[Measured] | None = None
-                        ) -> dict[str, dict]:
+def measure_experiments(view: RunContext, selections: list[SeedSelections]) -> dict[str, dict]:
     """Each enabled experiment's results for one metric: every condition of every seed measured
-    (``{experiment name: results-file content}``); each row is also appended to ``measured`` (for the
-    evaluators' own results files)."""
-    out = {}
+    (``{experiment name: results-file content}``)."""
+    return measure_all(view, selections)[0]
+
+
+def measure_all(view: RunContext, selections: list[SeedSelections]) -> tuple[dict[str, dict], list[Measured]]:
+    """:func:`measure_experiments`, and each experiment's measured rows (for the evaluators' own
+    results files, :meth:`esa.evaluators.measure.Measurer.results_files`)."""
+    out, measured = {}, []
     for exp in experiments(view):
         rows: Rows = {}
         base = view.measurer.baseline()
@@ -36,12 +40,12 @@ def measure_experiments(view: RunContext, selections: list[SeedSelections], meas
                 for group, cond in exp.conditions(sel):
                     row = view.measurer.measure(cond)
                     rows.setdefault(sel.seed, {}).setdefault(group, {})[cond.name] = row
-                    if measured is not None:
-                        measured.append(Measured(exp.name, sel.seed, str(group), cond.name, row))
                     log.info("%s: perplexity %.6g (ratio %.6g)", cond.label, row.get("ppl", math.nan),
                              row.get("ratio", math.nan))
         out[exp.name] = exp.results(rows, base)
-    return out
+        names = list(dict.fromkeys(c for groups in rows.values() for conds in groups.values() for c in conds))
+        measured.append(Measured(exp.name, rows, exp.group_by, tuple(exp.pairs(names))))
+    return out, measured
 
 
 def detect_super_weights(ctx: RunContext) -> dict:

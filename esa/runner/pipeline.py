@@ -39,9 +39,10 @@ from esa.outdir.process import ended
 from esa.outdir.readers import read_json
 from esa.runner import checkpoint, records
 from esa.runner.context import RunContext
-from esa.runner.experiments import detect_super_weights, experiments, measure_experiments, with_overlap
+from esa.runner.experiments import detect_super_weights, experiments, measure_all, with_overlap
 from esa.runner.results import MetricResult, RunResult, write_outputs, write_selections
 from esa.runner.seeds import SeedScores, check_sizes, score_seed
+from esa.superweights.ablation import ablation_measured
 
 log = logging.getLogger("esa")
 
@@ -122,10 +123,10 @@ def load(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manif
         data = load_spec(tok, cfg.data)
     journal = Journal(out_dir, write=is_main)
     done = journal.load() if cfg.output.resume else None
-    evaluators = cfg.evaluation.build(EvalInputs(data.eval_windows, cfg.data.batch_size, tok))
+    evaluators = cfg.evaluation.build(EvalInputs(data.eval_windows, cfg.data.batch_size, tok, model))
     measurer = Measurer(model, evaluators, journal, done)
-    ctx = RunContext(cfg, choice, model, tok, targets, data, out_dir, manifest, is_main, measurer=measurer,
-                     restoring=restorer(cfg, model, data.eval_windows, measurer))
+    ctx = RunContext(cfg, choice, model, tok, targets, data, out_dir, manifest, is_main,
+                     measurer=measurer, restoring=restorer(cfg, model, data.eval_windows, measurer))
     for exp in experiments(ctx):
         exp.check()  # e.g. the bit of --bit-index in the model's dtype: fail before hours of scoring
     ctx.coverage = coverage(model, targets, excluded)
@@ -215,7 +216,10 @@ def _run(ctx: RunContext) -> RunResult:
         res = run.metrics[m]
         if ctx.super_weights is not None:
             res.super_weights = with_overlap(view, ctx.super_weights, res.selections)
-        res.experiments = measure_experiments(view, res.selections, res.measured)
+        res.experiments, measured = measure_all(view, res.selections)
+        if ctx.super_weights is not None and (abl := ablation_measured(ctx.super_weights)) is not None:
+            measured.append(abl)
+        res.evaluations = ctx.measurer.results_files(measured)  # e.g. task_results.json
     if is_main:
         write_outputs(ctx, views, run)
     return run

@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from esa.evaluators.registry import Measured
 from esa.experiment.registry import EXPERIMENTS, SeedSelections
 from esa.model import distributed
 from esa.outdir.journal import fault_point
@@ -21,8 +20,9 @@ log = logging.getLogger("esa")
 @dataclass
 class MetricResult:
     """One metric of a run: every seed's selections, the Top-K rows written to top_weights.csv, the
-    cross-seed stability, each experiment's results (``{experiment name: results-file content}``)
-    and the super-weight result with this metric's Top-K overlap."""
+    cross-seed stability, each experiment's results (``{experiment name: results-file content}``),
+    the super-weight result with this metric's Top-K overlap, and the evaluators' own results files
+    (``{file name: content}``, e.g. ``task_results.json``)."""
 
     metric: str
     selections: list[SeedSelections]
@@ -30,7 +30,7 @@ class MetricResult:
     stability: dict | None = None
     experiments: dict[str, dict] = field(default_factory=dict)
     super_weights: dict | None = None
-    measured: list[Measured] = field(default_factory=list)  # every measured row (evaluators' results files)
+    evaluations: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,27 +62,6 @@ def write_selections(view: RunContext, result: MetricResult) -> None:
     view.manifest.save()
 
 
-def ablation_rows(sw: dict | None) -> list[Measured]:
-    """The super-weight ablation's measured rows (each candidate zeroed, all, the random control)."""
-    abl = (sw or {}).get("ablation") or {}
-    rows = [Measured("super_weights", None, "", f"zero {e['param']}[{e['row']}, {e['col']}]", e)
-            for e in abl.get("each") or []]
-    for key, name in (("all", "zero every candidate"), ("random", "zero as many random weights")):
-        if abl.get(key):
-            rows.append(Measured("super_weights", None, "", name, abl[key]))
-    return rows
-
-
-def write_evaluator_results(view: RunContext, res: MetricResult) -> None:
-    """Each evaluator's own results file (e.g. ``activations.json``), from the baseline row and every
-    measured row of this metric (experiments, and the super-weight ablation)."""
-    measured = res.measured + ablation_rows(res.super_weights)
-    for ev in view.measurer.evaluators:
-        if ev.results_file:
-            records.write_json(view.out_dir / ev.results_file, ev.results(view.measurer.baseline(), measured))
-            view.manifest.add_file(ev.results_file)
-
-
 def write_outputs(ctx: RunContext, views: dict[str, RunContext], run: RunResult) -> None:
     """Rank 0's remaining files: each metric's super-weight files, experiment results and plots,
     (several metrics) the agreement heatmap, then every report.md; then print the summary."""
@@ -93,11 +72,10 @@ def write_outputs(ctx: RunContext, views: dict[str, RunContext], run: RunResult)
         if res.super_weights is not None:
             for name in write_super_weights(res.super_weights, view.out_dir):
                 view.manifest.add_file(name)
-        for name, content in res.experiments.items():
-            results_file = EXPERIMENTS[name].results_file
+        files = {EXPERIMENTS[name].results_file: content for name, content in res.experiments.items()}
+        for results_file, content in {**files, **res.evaluations}.items():
             records.write_json(view.out_dir / results_file, content)
             view.manifest.add_file(results_file)
-        write_evaluator_results(view, res)
         with manifest.phase("plots"):  # each results file's own figure (reporting.parts), with or without --save-plots
             figures = [f for f in parts.figures(view.out_dir) if f.name != PLOT_NAME]  # (written with its JSON)
         for figure in figures:

@@ -21,6 +21,7 @@ from torch import nn
 from esa.errors import UsageError
 from esa.evaluators import activations
 from esa.evaluators.measure import Measurer
+from esa.evaluators.registry import Measured
 from esa.experiment.registry import Condition, evaluation_key
 from esa.options import Options
 from esa.seeding import numpy_rng
@@ -99,6 +100,17 @@ def ablate(measurer: Measurer, candidates: Sequence[Candidate], projections: Seq
     row = measurer.measure(zeroing(projections, rand, "zeroing as many random weights"))
     out["random"] = {**_row(row), "n_changed": row["n_changed"], "weights": [[n, i] for n, i in rand]}
     return out
+
+
+def ablation_measured(sw: Mapping) -> Measured | None:
+    """The ablation's rows of a ``super_weights.json`` dict, as the evaluators' own results files
+    read every measured row (one group, ``ablation``, of the detector's seed); None without one."""
+    abl = sw.get("ablation")
+    if not abl or not abl.get("each"):
+        return None
+    conds = {f"zeroing {e['param']}[{e['row']}, {e['col']}]": e for e in abl["each"]}
+    conds.update({"zeroing every candidate": abl["all"], "zeroing as many random weights": abl["random"]})
+    return Measured("super_weights", {int(abl["seed"]): {"ablation": conds}})
 
 
 def prompt_input_ids(tokenizer, prompt: str) -> torch.Tensor:

@@ -107,3 +107,14 @@ def test_quantization_error_counts_only_unprotected_weights(llama):
     assert n == sum(t.numel for t in targets) and mse == pytest.approx(sq / n, rel=1e-6)
     mse_p, n_p = quantization_error(targets, spec, {targets[0].name: torch.tensor([1, 2, 3])})
     assert n_p == n - 3
+
+
+def test_each_experiment_declares_the_pairs_it_compares():
+    """The pairs an evaluator's own results file tests are the experiment's own comparisons."""
+    from esa.experiment.registry import EXPERIMENTS
+
+    assert EXPERIMENTS["perturbation"].pairs(["top_k", "random_k", "bottom_k"]) == [("top_k", "random_k"),
+                                                                                   ("top_k", "bottom_k")]
+    assert EXPERIMENTS["quantization"].pairs(["none", "protect_topk", "protect_random_k"]) == [
+        ("protect_topk", "protect_random_k")]
+    assert EXPERIMENTS["quantization"].pairs(["none"]) == []

@@ -21,6 +21,7 @@ from esa.model import distributed
 from esa.model.forward import perplexity
 from esa.model.targets import find_targets
 from tests.conftest import N_WINDOWS, VOCAB, WINDOW_LEN, make_gpt2, make_llama
+from tests.model.ranks import main_only_worker
 from tests.realmodels import CORPUS, REPO, tiny_model_dir
 
 GRADIENT_METRICS = [m for m in METRICS if m != "magnitude"]
@@ -123,3 +124,15 @@ def test_device_map_with_torchrun_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert esa_runner.main(["--device", "cpu", "--device-map", "auto", "--dry-run"]) == 2
     assert "torchrun" in capsys.readouterr().err
+
+
+def test_from_main_computes_on_rank_0_and_every_rank_gets_the_result_or_the_error(tmp_path):
+    """The tasks evaluator's pattern under torchrun: rank 0 runs lm-eval, the others wait for its record;
+    a usage error there is the same usage error on every rank (exit 2), a crash is a crash everywhere."""
+    dest = str(tmp_path / "out")
+    mp.spawn(main_only_worker, args=(str(tmp_path / "store"), dest), nprocs=2, join=True)
+    zero, one = torch.load(f"{dest}.0"), torch.load(f"{dest}.1")
+    assert zero["value"] == one["value"] == {"acc": 0.25, "rank": 0}
+    assert zero["usage"] == one["usage"] == "--tasks-dir lacks piqa"
+    assert (zero["crash"], one["crash"]) == ("KeyError", "RuntimeError")
+    assert zero["after"] == one["after"] == [2.0]

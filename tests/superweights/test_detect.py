@@ -338,3 +338,17 @@ def test_real_smollm2_candidates_are_valid_super_weights(wikitext2):
         assert c["output_ratio"] >= swc.DEFAULT_THRESHOLD
     abl = res["ablation"]
     assert abl["all"]["ratio"] > 10 and 0.95 < abl["random"]["ratio"] < 1.05
+
+
+def test_the_ablation_rows_reach_the_evaluators_own_results_files():
+    """Every ablation condition (each candidate, all, the random control) is a row of the detector's
+    seed, as the tasks evaluator's task_results.json reads them; no ablation, no rows."""
+    each = [{"param": "model.layers.1.mlp.down_proj.weight", "row": 3, "col": 7, "ppl": 9.0, "tasks": {"piqa": {}}}]
+    abl = {"seed": 5, "each": each, "all": {"ppl": 10.0, "tasks": {}}, "random": {"ppl": 2.0, "tasks": {}}}
+    m = swr.ablation_measured({"ablation": abl})
+    assert (m.experiment, list(m.rows), list(m.rows[5])) == ("super_weights", [5], ["ablation"])
+    assert m.rows[5]["ablation"] == {"zeroing model.layers.1.mlp.down_proj.weight[3, 7]": each[0],
+                                     "zeroing every candidate": abl["all"],
+                                     "zeroing as many random weights": abl["random"]}
+    assert swr.ablation_measured({"ablation": None}) is None
+    assert swr.ablation_measured({"ablation": {**abl, "each": []}}) is None
