@@ -66,8 +66,7 @@ def output_files(cfg: RunConfig) -> list[str]:
                 "report.md", f"metrics/{{{','.join(metrics)}}}/{{{','.join(each)}}}"]
     files = list(OUTPUT_FILES)
     results = [EXPERIMENTS[name].results_file for name in cfg.experiment.enabled()]
-    if results or cfg.super_weights.detect_super_weights:  # something is measured: the evaluators' own files
-        results += [EVALUATORS[name].results_file for name in cfg.evaluation.evaluate if EVALUATORS[name].results_file]
+    results += [EVALUATORS[name].results_file for name in cfg.evaluation.evaluate if EVALUATORS[name].results_file]
     for name in results:
         files += [name, *FIGURES.get(name, ())]
     if cfg.scoring.stability_check and len(cfg.scoring.seeds) >= 2:

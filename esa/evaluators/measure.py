@@ -137,8 +137,11 @@ class Measurer:
 
     def results_files(self, measured: list[Measured]) -> dict[str, dict]:
         """``{results file: content}`` of every evaluator that has a results file of its own, from
-        the rows of ``measured`` (nothing when nothing was measured)."""
-        return results_files(self.evaluators, self.baselines(), measured) if measured else {}
+        the rows of ``measured``; with no rows (a scores-only run) its record of the unmodified model
+        alone, which the user asked for by naming the evaluator."""
+        if not any(ev.results_file for ev in self.evaluators):
+            return {}  # (the baseline is not measured for nothing)
+        return results_files(self.evaluators, self.baselines(), measured)
 
     def _row(self, records: dict[str, dict], info: dict) -> dict:
         ref = self.evaluators[0].name

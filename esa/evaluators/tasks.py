@@ -66,7 +66,7 @@ OPTIONS = (
            "comma list of task, tag or group names (e.g. arc_easy,arc_challenge,piqa,winogrande,sciq,hellaswag); "
            "adds 'tasks' to --evaluate. Needs lm-eval (make setup installs it)", parse=parse_names,
            metavar="TASK,...", show_default=""),
-    Option("tasks_limit", None, "items per task: the first N of its evaluation split (default: all)", parse=int,
+    Option("tasks_limit", None, "items per task: the first N of its evaluation split", parse=int,
            check=lambda v: None if v is None or v > 0 else f"must be a positive number of items, got {v}",
            show_default="all"),
     Option("tasks_batch_size", 16, "requests per forward pass of lm-eval (padding makes the last digits depend on "
