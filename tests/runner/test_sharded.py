@@ -72,15 +72,19 @@ def test_sharded_runs_equal_the_single_process(models, single, tmp_path, world):
     for name in CONFIGS[world]:
         for metric in ("grad_x_weight", "act_mag"):
             a, b = single / name / "metrics" / metric, tmp_path / name / "metrics" / metric
-            ra, rb = top_rows(a), top_rows(b)
-            assert [(r["seed"], r["rank"], r["parameter"], r["index"]) for r in ra] == [
-                (r["seed"], r["rank"], r["parameter"], r["index"]) for r in rb], (name, metric)
-            # fp32 gradient sums round differently when the ranks add them (and FSDP's gathered weights
-            # multiply in another memory layout): a score is within REL of its tensor's largest score
+            # the same weights; fp32 gradient sums round differently when the ranks add them (and FSDP's
+            # gathered weights multiply in another memory layout): a score is within REL of its tensor's
+            # largest score, so two weights whose scores differ in the last bit may swap places in the
+            # listing (its order, not its content, may differ)
+            ra, rb = (sorted(top_rows(x), key=lambda r: (r["seed"], r["parameter"], int(r["index"]))) for x in (a, b))
+            assert [(r["seed"], r["parameter"], r["index"]) for r in ra] == [
+                (r["seed"], r["parameter"], r["index"]) for r in rb], (name, metric)
             stats = json.loads((a / "sensitivity_stats.json").read_text())["tensors"]
             largest = {n: st["max"] for n, st in stats.items()}
             assert all(close(float(x["score"]), float(y["score"]), largest[x["parameter"]])
                        for x, y in zip(ra, rb)), (name, metric)
+            swapped = [(x, y) for x, y in zip(ra, rb) if x["rank"] != y["rank"]]
+            assert len(swapped) <= len(ra) // 20, (name, metric, len(swapped))  # ties only, not a reordering
             for seed in (0, 1):  # every control of every k: the same weights
                 sa, sb = selections(single / name, seed), selections(tmp_path / name, seed)
                 assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa), (name, seed)
