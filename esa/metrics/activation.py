@@ -92,7 +92,10 @@ class ActMag(Collector):
         self.seen.batch_shape = batch.shape
 
     def reduce(self) -> None:
-        missing = [n for n in self.watched if n not in self.seen.observed]
+        # observed on any rank (a rank may have had no window at all, or no token routed to an expert)
+        watched = sorted(self.watched)  # the same order on every rank (a set's order is per process)
+        seen = distributed.all_reduce_ints([int(n in self.seen.observed) for n in watched]) if watched else []
+        missing = [n for n, count in zip(watched, seen) if not count]
         if missing:
             raise UnobservedWeightError(f"act_mag saw no F.linear/matmul/F.embedding read of {', '.join(missing)}; "
                                         "its input features are unknown (exclude it with --exclude)")

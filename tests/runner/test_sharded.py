@@ -62,6 +62,24 @@ def close(a, b, scale: float | None = None) -> bool:
     return a == b
 
 
+def close_results(a: dict, b: dict) -> bool:
+    """perturbation_results.json: perplexities within REL; what is computed from two of them (delta_ppl
+    and its statistics, ratios and theirs) within REL of the baseline perplexity (or of 1, for a ratio):
+    a delta of two perplexities ~1e5 that agree to 1e-7 agrees to ~1e-2, which is not a relative 1e-6.
+    The ranks run other batch shapes (4 ranks, 3 windows: one window per rank), so fp32 matmuls round
+    differently, as with any batch size."""
+    base = a["baseline"]["ppl"]
+
+    def walk(x, y, key: str) -> bool:
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(walk(x[k], y[k], k) for k in x)
+        if isinstance(x, list):
+            return len(x) == len(y) and all(walk(u, v, key) for u, v in zip(x, y))
+        scale = base if key.startswith("delta_ppl") else 1.0 if key.startswith("ratio") else None
+        return close(x, y, scale)
+    return walk(a["per_seed"], b["per_seed"], "") and walk(a["sweep"], b["sweep"], "")
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_sharded_runs_equal_the_single_process(models, single, tmp_path, world):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -90,7 +108,7 @@ def test_sharded_runs_equal_the_single_process(models, single, tmp_path, world):
                 assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa), (name, seed)
             pa = json.loads((a / "perturbation_results.json").read_text())
             pb = json.loads((b / "perturbation_results.json").read_text())
-            assert close(pa["per_seed"], pb["per_seed"]) and close(pa["sweep"], pb["sweep"]), (name, metric)
+            assert close_results(pa, pb), (name, metric)
             sta = json.loads((a / "sensitivity_stats.json").read_text())["tensors"]
             stb = json.loads((b / "sensitivity_stats.json").read_text())["tensors"]
             for tensor, st in sta.items():  # quantiles exact up to the scores' own rounding
