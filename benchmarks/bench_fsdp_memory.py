@@ -66,6 +66,8 @@ def main() -> int:
         def seen(p: torch.Tensor) -> None:  # runs before the accumulator's hook frees the gradient
             grad_bytes[id(p)] = distributed.local(p.grad).numel() * p.grad.element_size()
 
+        for t in targets:  # a hook needs requires_grad; the metric sets it itself and clears it after
+            t.param.requires_grad_(True)
         handles = [t.param.register_post_accumulate_grad_hook(seen) for t in targets]
         t1 = time.perf_counter()
         scores = compute_scores("grad_x_weight", model, targets, windows, args.batch_size, MetricContext())
