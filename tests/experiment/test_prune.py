@@ -102,8 +102,8 @@ def targets_of(model):
 def test_magnitude_per_row_half_matches_a_brute_force_mask_on_conv1d_and_linear():
     for model in (make_llama(0), make_gpt2(0)):
         targets = targets_of(model)
-        masks = score_masks(targets, lambda n: magnitude_score(next(t for t in targets if t.name == n)),
-                            "per_row", [Level.of("0.5")])["0.5"]
+        by_name = {t.name: t for t in targets}
+        masks = score_masks(targets, lambda n, b=by_name: magnitude_score(b[n]), "per_row", [Level.of("0.5")])["0.5"]
         for t in targets:
             w = t.param.detach().abs()
             rows = w.t() if t.axis("in") == 0 else w  # an HF Conv1D stores [in, out]: a row is a column
