@@ -95,22 +95,21 @@ def _cell(res: dict, level: str, cond: str) -> str:
 def table(res: dict) -> summary.Table:
     """level × condition → perplexity, and the share of weights removed."""
     first = next(iter(res["per_seed"].values()))
-    head = ["level", f"{res['metric']} (lowest removed)", *CONTROLS, "removed"]
-    if "tests" in res:
-        head.append("p (metric vs magnitude, log ratio)")
-    rows = []
-    for lv in res["levels"]:
-        row = [lv, _cell(res, lv, "metric"), *(_cell(res, lv, c) for c in CONTROLS),
-               f"{100 * first[lv]['metric']['removed_share']:.1f} %"]
-        if "tests" in res:
-            row.append(sci(res["tests"][lv]["metric_vs_magnitude"]["log_ratio"].get("p_value")))
-        rows.append(row)
-    return head, rows
+    tested = "tests" in res  # two seeds or more
+    head = ["level", f"{res['metric']} (lowest removed)", *CONTROLS, "removed",
+            *(["p (metric vs magnitude, log ratio)"] if tested else [])]
+    return head, [[lv, *(_cell(res, lv, c) for c in ("metric", *CONTROLS)),
+                   f"{100 * first[lv]['metric']['removed_share']:.1f} %", *([_p(res, lv)] if tested else [])]
+                  for lv in res["levels"]]
+
+
+def _p(res: dict, level: str) -> str:
+    """The p-value of the metric's pruning against magnitude pruning over seeds (log perplexity ratio)."""
+    return sci(res["tests"][level]["metric_vs_magnitude"]["log_ratio"].get("p_value"))
 
 
 def caption(res: dict) -> str:
-    seeds = res["seeds"]
-    p = res["pruner"]
+    p, seeds = res["pruner"], res["seeds"]
     return (f"Perplexity with the lowest-scoring weights of each {res['mode']} group removed (N:M: per row) from "
             f"{p['pruned_weights']:,} weights in {p['pruned_tensors']} tensors; unpruned "
             f"{sci(res['baseline']['ppl'], 4)} on {res['eval_windows']} evaluation windows; controls: as many weights "

@@ -21,6 +21,7 @@ from esa.runner.pipeline import load
 from esa.runner.seeds import SeedScores, score_seed
 from tests.realmodels import CORPUS, tiny_model_dir
 from tests.runner.test_pipeline import state_hash
+from tests.runner.test_quantization import args as quantization_args
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,8 @@ def tiny(tmp_path_factory):
 
 
 def args(tiny: str, out) -> list[str]:
-    return ["--model", tiny, "--device", "cpu", "--dtype", "fp32", "--data-file", str(CORPUS), "--max-length", "32",
-            "--max-samples", "4", "--eval-samples", "4", "--topk", "2", "--mode", "per_row", "--metric", "act_mag",
-            "--seeds", "0", "--out-dir", str(out)]
+    """The quantization tests' tiny run, per_row on one seed (a later flag wins)."""
+    return quantization_args(tiny, out) + ["--topk", "2", "--mode", "per_row", "--seeds", "0"]
 
 
 @pytest.mark.parametrize("extra, needle", [
