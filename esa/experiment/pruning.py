@@ -12,8 +12,10 @@ evaluation windows (the masks: :mod:`esa.experiment.prune`):
   ``prune_random:<level>`` (the same for every metric of a seed: measured once per seed).
 
 The metric's masks are made from the seed's full scores while they are alive
-(:meth:`Pruning.keep`, one bit per weight and level, kept in the seed's checkpoint); the controls'
-masks are made when their condition comes, one at a time.  A condition swaps the masked weights to
+(:meth:`Pruning.keep`, one bit per weight and level, kept in the seed's checkpoint); a control's
+masks are made only when its condition is measured (its key names what decides them: the level,
+the mode, the tensors and, for ``random``, the seed), so the other metrics and seeds reuse its
+record without making them again.  A condition swaps the masked weights to
 exact zeros per forward and never writes the stored model, so it is bit-exactly itself after.
 """
 
@@ -150,21 +152,32 @@ class Pruning(Experiment):
         if kept is None:
             raise UsageError(f"seed {sel.seed}'s selections hold no pruning masks (a checkpoint written without "
                              "--prune?); rerun without --resume")
+        names = tuple(v.names)
         for lv in levels_of(self.opts):
-            masks = {
-                "metric": lambda lv=lv: {t.name: kept[f"{lv.label}|{t.name}"] for t in v.targets},
-                "magnitude": lambda lv=lv: score_masks(v.targets, lambda n: magnitude_score(v.by_name[n]), v.mode,
-                                                       [lv])[lv.label],
-                "random": lambda lv=lv: random_masks(v.targets, v.mode, lv,
-                                                     torch_generator(sel.seed, f"prune_random:{lv.label}"),
-                                                     numpy_rng(sel.seed, f"prune_random:{lv.label}")),
+            mode = v.mode if lv.fraction is not None else "per_row"  # N:M is per row whatever the mode
+            metric = {n: kept[f"{lv.label}|{n}"] for n in names}
+            conds = {  # (key, masks): a control's key says what decides its masks, which are made only if measured
+                "metric": (evaluation_key(("prune",), metric), lambda m=metric: m),
+                "magnitude": (evaluation_key(("prune", "magnitude", mode, lv.label, names), {}),
+                              lambda lv=lv: self._magnitude(lv)),
+                "random": (evaluation_key(("prune", "random", mode, lv.label, names, sel.seed), {}),
+                           lambda lv=lv: self._random(lv, sel.seed)),
             }
-            for name, make in masks.items():  # a control's masks are made as its condition comes, one at a time
-                m = make()
-                key = evaluation_key(("prune",), m)
+            for name, (key, make) in conds.items():
                 self._keys.setdefault(name, set()).add(f"{lv.label}|{key}")
-                yield lv.label, Condition(name, key, lambda m=m: self._change(m),
+                yield lv.label, Condition(name, key, lambda make=make: self._change(make()),
                                           f"seed {sel.seed} {v.metric} prune {lv.label} {name}")
+
+    def _magnitude(self, lv: Level) -> dict[str, torch.Tensor]:
+        """The magnitude control's packed masks: the level's counts per group by |w|."""
+        v = self.view
+        return score_masks(v.targets, lambda name: magnitude_score(v.by_name[name]), v.mode, [lv])[lv.label]
+
+    def _random(self, lv: Level, seed: int) -> dict[str, torch.Tensor]:
+        """The random control's packed masks: the level's counts per group, uniform from the seed's stream."""
+        stream = f"prune_random:{lv.label}"
+        return random_masks(self.view.targets, self.view.mode, lv, torch_generator(seed, stream),
+                            numpy_rng(seed, stream))
 
     @contextlib.contextmanager
     def _change(self, masks: dict[str, torch.Tensor]) -> Iterator[dict]:
