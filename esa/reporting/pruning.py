@@ -39,18 +39,20 @@ def mean_ppl(res: dict, level: str, cond: str) -> float:
 
 
 def curves(by_metric: dict[str, dict]) -> dict[str, dict]:
-    """What :func:`figure` draws, per series (each metric, then ``magnitude`` and ``random`` from the
-    first metric's results: the same masks for every metric): ``{"x", "y"}`` over the sparsities
-    (ascending), ``{"px", "py", "plabels"}`` for the N:M patterns, and ``dashed``."""
+    """What :func:`figure` draws, per series (each metric, then ``magnitude (control)`` and ``random
+    (control)`` from the first metric's results: the same masks for every metric; named apart from a
+    metric called ``magnitude``): ``{"x", "y"}`` over the sparsities (ascending), ``{"px", "py",
+    "plabels"}`` for the N:M patterns, ``dashed`` and ``color``."""
     out = {}
     first = next(iter(by_metric.values()))
-    series = [(m, r, "metric") for m, r in by_metric.items()] + [(c, first, c) for c in CONTROLS]
+    series = [(m, r, "metric") for m, r in by_metric.items()] + [(f"{c} (control)", first, c) for c in CONTROLS]
     for label, res, cond in series:
         fractions = sorted(res["sparsities"], key=float)
         patterns = res["patterns"]
         out[label] = {"x": [float(s) for s in fractions], "y": [mean_ppl(res, s, cond) for s in fractions],
                       "px": [sparsity(p) for p in patterns], "py": [mean_ppl(res, p, cond) for p in patterns],
-                      "plabels": list(patterns), "dashed": cond != "metric"}
+                      "plabels": list(patterns), "dashed": cond != "metric",
+                      "color": CONTROL_COLORS.get(cond, f"C{len(out)}")}
     return out
 
 
@@ -58,8 +60,8 @@ def figure(by_metric: dict[str, dict]):
     """Perplexity (log axis) against sparsity; the unpruned baseline as a dotted line."""
     first = next(iter(by_metric.values()))
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for i, (label, c) in enumerate(curves(by_metric).items()):
-        color = CONTROL_COLORS.get(label, f"C{i}") if c["dashed"] else f"C{i}"
+    for label, c in curves(by_metric).items():
+        color = c["color"]
         if c["x"]:
             ax.plot(c["x"], c["y"], ls="--" if c["dashed"] else "-", marker="o", ms=4, color=color, label=label)
         if c["px"]:

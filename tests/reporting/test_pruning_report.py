@@ -32,12 +32,19 @@ def test_figure_plots_the_mean_per_sparsity_controls_dashed_and_patterns_as_poin
     lines = {ln.get_label(): ln for ln in ax.get_lines()}
     assert list(lines["act_mag"].get_xdata()) == [0.3, 0.5] and list(lines["act_mag"].get_ydata()) == [12.0, 16.0]
     assert list(lines["obs"].get_ydata()) == [24.0, 32.0]
-    assert list(lines["magnitude"].get_ydata()) == [14.0, 30.0] and list(lines["random"].get_ydata()) == [21.0, 60.0]
-    assert {k: lines[k].get_linestyle() for k in ("act_mag", "obs", "magnitude", "random")} == {
-        "act_mag": "-", "obs": "-", "magnitude": "--", "random": "--"}
+    assert list(lines["magnitude (control)"].get_ydata()) == [14.0, 30.0]
+    assert list(lines["random (control)"].get_ydata()) == [21.0, 60.0]
+    assert [ln.get_linestyle() for ln in lines.values()][:4] == ["-", "-", "--", "--"]
     assert list(lines["unpruned"].get_ydata()) == [10.0, 10.0]
     points = sorted(tuple(map(float, c.get_offsets()[0])) for c in ax.collections)  # 2:4 = sparsity 0.5
     assert points == [(0.5, 18.0), (0.5, 36.0), (0.5, 40.0), (0.5, 80.0)]
+    plt.close(fig)
+
+
+def test_a_metric_called_magnitude_keeps_its_own_line_beside_the_control():
+    fig = pruning.figure({"magnitude": results("magnitude", PPL), "act_mag": results("act_mag", PPL)})
+    labels = [ln.get_label() for ln in fig.axes[0].get_lines()]
+    assert labels[:4] == ["magnitude", "act_mag", "magnitude (control)", "random (control)"]
     plt.close(fig)
 
 
