@@ -129,12 +129,13 @@ def _show(value) -> str:
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
-    """``outputs/<model>_<metric>[+<metric>...]_<mode>_k<k>[_<perturb>][_rtn<bits>]_<timestamp>``: an ESA run's
+    """``outputs/<model>_<metric>[+<metric>...]_<mode>_k<k>[_<perturb>][_rtn<bits>][_prune]_<timestamp>``: an ESA run's
     default --out-dir."""
     o = cfg.experiment.options
     return default_out_dir(model_slug(cfg.model.model), "+".join(cfg.scoring.metrics), cfg.scoring.mode,
                            f"k{cfg.scoring.topk}",
-                           *filter(None, [o.perturb, f"{o.quantize}{o.bits}" if o.quantize else None]))
+                           *filter(None, [o.perturb, f"{o.quantize}{o.bits}" if o.quantize else None,
+                                          "prune" if o.prune or o.prune_pattern else None]))
 
 
 def validate_sharded(cfg: RunConfig) -> None:

@@ -18,7 +18,8 @@ OUTPUT_FILES = ("config.json", "experiment_manifest.json", "top_weights.csv", "s
                 "score_distribution.npz", "report.md")
 SUPER_WEIGHT_FILES = ("super_weights.json", "super_weights.txt", "super_weights.png")
 # the figures of the experiments' and evaluators' own results files (always drawn: esa.reporting.parts)
-FIGURES = {"quantization_results.json": ("quantization.png",), "task_results.json": ("task_accuracy.png",),
+FIGURES = {"quantization_results.json": ("quantization.png",), "pruning_results.json": ("pruning.png",),
+           "task_results.json": ("task_accuracy.png",),
            "activations.json": ("activations.png",)}
 
 
@@ -62,7 +63,8 @@ def output_files(cfg: RunConfig) -> list[str]:
     if cfg.multi:
         metrics = cfg.scoring.metrics
         each = [f for f in output_files(cfg.for_metric(metrics[0])) if f != "experiment_manifest.json"]
-        return ["config.json", "experiment_manifest.json", "metric_agreement.json", "metric_agreement.png",
+        own = ["pruning.png"] if cfg.experiment.options.prune or cfg.experiment.options.prune_pattern else []
+        return ["config.json", "experiment_manifest.json", "metric_agreement.json", "metric_agreement.png", *own,
                 "report.md", f"metrics/{{{','.join(metrics)}}}/{{{','.join(each)}}}"]
     files = list(OUTPUT_FILES)
     results = [EXPERIMENTS[name].results_file for name in cfg.experiment.enabled()]
@@ -94,6 +96,18 @@ def quantize_plan(cfg: RunConfig) -> str:
             + (f" x {len(cfg.scoring.metrics)} metrics" if cfg.multi else "") + ") + the unquantized baseline)")
 
 
+def prune_plan(cfg: RunConfig) -> str:
+    """The pruning experiment's levels and conditions, and how many evaluations it takes: per level,
+    ``magnitude`` once (it depends on neither seed nor metric), ``random`` per seed (the same for every
+    metric), ``metric`` per seed and metric; plus the unpruned baseline."""
+    o, seeds, metrics = cfg.experiment.options, cfg.scoring.seeds, cfg.scoring.metrics
+    levels = [*o.prune, *o.prune_pattern]
+    n = len(levels) * (1 + len(seeds) * (1 + len(metrics))) + 1
+    return (f"{', '.join(levels)} ({cfg.scoring.mode}; N:M per row); conditions metric, magnitude, random x seeds "
+            f"{', '.join(map(str, seeds))}: at most {n} evaluations ({len(levels)} x (1 + {len(seeds)} seed(s) x "
+            f"(1 + {len(metrics)} metric(s))) + the unpruned baseline)")
+
+
 def _perturb_row(cfg: RunConfig) -> str | None:
     """The perturbation, "none (scores and Top-K only)", or None (no row) when another experiment
     (--quantize) measures the run's conditions: it has its own row."""
@@ -123,9 +137,11 @@ def runner_plan(cfg: RunConfig) -> str:
         ("seeds", f"{', '.join(map(str, s.seeds))} (primary {s.seeds[0]})"
          + ("; stability check" if s.stability_check else "")),
         *([("perturb", perturb)] if perturb else []),
-        ("conditions", (', '.join(conditions) if conditions else 'see quantize' if o.quantize else '-')
+        ("conditions", (', '.join(conditions) if conditions else 'see quantize' if o.quantize
+                        else 'see prune' if o.prune or o.prune_pattern else '-')
          + (f"; dose-response over k = {', '.join(map(str, o.topk_sweep))}" if o.topk_sweep else "")),
         *([("quantize", quantize_plan(cfg))] if o.quantize else []),
+        *([("prune", prune_plan(cfg))] if o.prune or o.prune_pattern else []),
         ("super weights", "detect, ablate and rank in each seed's Top-K" if cfg.super_weights.detect_super_weights
          else "-"),
         ("evaluate", cfg.evaluation.describe()),

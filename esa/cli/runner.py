@@ -86,6 +86,11 @@ def config_from_args(argv: list[str]) -> tuple[RunConfig, set[str]]:
             raise UsageError("--controls applies to --perturb; --quantize compares its own conditions (none, "
                              "protect_topk, protect_random_k, protect_super_weights)")
         experiment = experiment.replace(controls=())
+    if experiment.prune or experiment.prune_pattern:
+        if "controls" in given:
+            raise UsageError("--controls applies to --perturb; --prune compares its own conditions (metric, "
+                             "magnitude, random)")
+        experiment = experiment.replace(controls=())
     cfg = RunConfig(
         model=flags.spec(ModelSpec, vals, **explicit(given)),
         distributed=flags.spec(DistributedSpec, vals),

@@ -21,21 +21,21 @@ weights of the flattened (row-major, as stored) tensor, as in Yu et al. 2024, th
 holding the remainder.
 
 **Applying it** (:func:`quantized`): each target's dequantized weight is made in the model's dtype
-just before a module that reads it runs, swapped in for that forward and swapped back right after
-(forward pre-hook / hook, undone in ``finally``).  The stored tensors are never written, so the
-model is bit-exactly itself after every condition, and memory beyond the model is one tensor's
-quantized copy at a time (never a copy of the whole model).
+just before a module that reads it runs and swapped in for that forward only
+(:mod:`esa.experiment.swap`).  The stored tensors are never written, so the model is bit-exactly
+itself after every condition, and memory beyond the model is one tensor's quantized copy at a time
+(never a copy of the whole model).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 
 from esa.experiment.rows import as_rows, from_rows
+from esa.experiment.swap import swapped
 from esa.model import distributed
 from esa.model.targets import Target
 
@@ -144,44 +144,9 @@ def quantization_error(targets: list[Target], spec: RTN, protect: dict[str, torc
     return (total / count if count else 0.0), count
 
 
-@contextlib.contextmanager
-def quantized(targets: list[Target], spec: RTN, protect: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+def quantized(targets: list[Target], spec: RTN, protect: dict[str, torch.Tensor] | None = None
+              ) -> AbstractContextManager[None]:
     """Inside the block every forward reads each target's RTN-quantized weight (model dtype); the
-    stored weights are never written (see the module docstring)."""
+    stored weights are never written (:func:`esa.experiment.swap.swapped`)."""
     protect = protect or {}
-    handles = []
-    swapped: dict[str, list] = {}  # target name -> [original data, depth]
-
-    def make_hooks(t: Target, attr: str):
-        # the weight is looked up as the forward starts: under --shard fsdp the module then holds the
-        # gathered whole weight (a tensor FSDP frees after the block), never the stored shard
-        def pre(module, _args):
-            state = swapped.setdefault(t.name, [None, 0, None])
-            if state[1] == 0:
-                w = getattr(module, attr)
-                state[0], state[2] = w.data, w
-                w.data = quantize_tensor(t, spec, protect.get(t.name), w).to(state[0].dtype)
-            state[1] += 1
-
-        def post(_module, _args, _out):
-            state = swapped[t.name]
-            state[1] -= 1
-            if state[1] == 0:
-                state[2].data = state[0]
-                state[0] = state[2] = None
-        return pre, post
-
-    try:
-        for t in targets:
-            for u in {id(u.module): u for u in t.uses}.values():
-                pre, post = make_hooks(t, u.attr)
-                handles.append(u.module.register_forward_pre_hook(pre))
-                handles.append(u.module.register_forward_hook(post))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        for t in targets:  # a forward that raised left its weight swapped
-            state = swapped.get(t.name)
-            if state is not None and state[0] is not None:
-                state[2].data = state[0]
+    return swapped(targets, lambda t, w: quantize_tensor(t, spec, protect.get(t.name), w))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 import torch
@@ -54,13 +54,16 @@ class Condition:
 class SeedSelections:
     """What one seed leaves behind for the experiments: its selections (never full scores).
 
-    ``sweep``: the Top-K and controls of every ``--topk-sweep`` k other than ``--topk``."""
+    ``sweep``: the Top-K and controls of every ``--topk-sweep`` k other than ``--topk``.
+    ``kept``: per experiment, what it computed from the full scores while they were alive
+    (:meth:`Experiment.keep`, e.g. pruning's bit-packed masks), ``{key: CPU tensor}``."""
 
     seed: int
     top: Selection
     controls: dict[str, Selection]
     calibration_windows: list[int]  # pool indices of the windows this seed scored on
     sweep: dict[int, tuple[Selection, dict[str, Selection]]]
+    kept: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class RunView(Protocol):
@@ -114,6 +117,14 @@ class Experiment:
                  ) -> tuple[list[Target], dict[str, str]]:
         """The targets this experiment can change and the others with the reason (default: all)."""
         return targets, {}
+
+    @classmethod
+    def keep(cls, view: RunView, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What this experiment needs of one seed's full scores (target name -> fp32 scores in the
+        target's shape), computed while they are alive: the runner frees them before any condition
+        and keeps only the selections and this (``SeedSelections.kept[name]``, also in the seed's
+        checkpoint).  CPU tensors, far smaller than the scores.  Default: nothing."""
+        return {}
 
     def __init__(self, view: RunView) -> None:
         self.view = view

@@ -86,3 +86,8 @@ def run_text(manifest: dict) -> str:
     parts = [f"{'started' if i == 0 else 'resumed'} {s['started_at']}, {s['status']} after {s['seconds'] or 0:.0f} s"
              for i, s in enumerate(each)]
     return f"{text} over {len(each)} sessions ({'; '.join(parts)})"
+
+
+def prune_levels(c: dict) -> list[str]:
+    """A run configuration's pruning levels (``--prune`` sparsities, then ``--prune-pattern`` N:M), or []."""
+    return [*(c.get("prune") or []), *(c.get("prune_pattern") or [])]

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from esa.outdir.layout import METRICS_DIR
 from esa.outdir.readers import read_json, read_top_rows
-from esa.reporting import summary
+from esa.reporting import pruning, summary
 from esa.reporting.format import ratio_text, run_text, sci
 from esa.reporting.plotkit import plt, save
 
@@ -151,6 +151,13 @@ def agreement_heatmap(out_dir: Path) -> Path | None:
     return save(fig, out_dir / HEATMAP)
 
 
+def figures(out_dir: Path) -> list[Path]:
+    """The run's own pictures: the agreement heatmap and (with --prune) every metric's pruning curve."""
+    config = read_json(out_dir, "config.json")
+    drawn = [agreement_heatmap(out_dir), pruning.multi_figure(out_dir, config) if config else None]
+    return [p for p in drawn if p is not None]
+
+
 class Section(NamedTuple):
     """One part of the combined report: a heading, the table's caption, the table and what to know to
     read it (``note``, printed after the table)."""
@@ -179,6 +186,11 @@ def sections(out_dir: Path, config: dict, agreement: dict | None) -> list[Sectio
         out.append(Section("Metric × block size → quantized perplexity ratio",
                            "perplexity ÷ unquantized with each metric's Top-K kept in full precision (with as many "
                            "random weights kept instead), mean over seeds", quant))
+    pruned = pruning.multi_table(out_dir, config)
+    if pruned is not None:
+        out.append(Section("Metric × sparsity → pruned perplexity",
+                           "perplexity with each metric's lowest scores removed (per group of the run's mode; N:M "
+                           "per row), and with as many removed by |w| or at random, mean over seeds", pruned))
     if agreement is not None:
         out.append(Section("Agreement between metrics", "mean over seeds", agreement_table(agreement), READING))
     ranks = super_weight_ranks(out_dir, config)
@@ -208,6 +220,8 @@ def build_report(out_dir: Path) -> str:
         lines += ["", s.note] if s.note else []
     if (out_dir / HEATMAP).is_file():
         lines += ["", f"![metric agreement]({HEATMAP})"]
+    if (out_dir / pruning.PLOT).is_file():
+        lines += ["", f"![pruning]({pruning.PLOT})"]
     lines += ["", "## Per-metric reports", ""]
     lines += [f"- [`{m}`]({METRICS_DIR}/{m}/report.md)" for m in metrics]
     lines += ["", "## Files", "", "| file | content |", "|---|---|",
@@ -215,6 +229,8 @@ def build_report(out_dir: Path) -> str:
               "| `experiment_manifest.json` | status, timings per phase, peak memory, every file |",
               "| `metric_agreement.json` | per pair of metrics and seed: Jaccard of the Top-Ks, Spearman on the union "
               "of the Top-Ks |", f"| `{HEATMAP}` | the agreement matrices (PNG) |",
+              *([f"| `{pruning.PLOT}` | every metric's pruning curve, controls dashed (PNG) |"]
+                if (out_dir / pruning.PLOT).is_file() else []),
               f"| `{METRICS_DIR}/<name>/` | each metric's single-metric out-dir |", "| `report.md` | this report |"]
     return "\n".join(lines) + "\n"
 

@@ -78,5 +78,4 @@ def rebuild(out_dir: Path, save_plots: bool = False) -> list[Path]:
     made = []
     for name, folder in metrics_report.metric_dirs(out_dir, config).items():
         made += _single(folder, manifest, f"{METRICS_DIR}/{name}/", save_plots)
-    heatmap = metrics_report.agreement_heatmap(out_dir)
-    return [*made, *([heatmap] if heatmap else []), report_md.write_report(out_dir)]
+    return [*made, *metrics_report.figures(out_dir), report_md.write_report(out_dir)]

@@ -16,7 +16,7 @@ from esa.outdir.atomic import atomic_write_text
 from esa.outdir.layout import CHECKPOINT_DIR
 from esa.outdir.readers import read_json
 from esa.reporting import metrics_report, parts, quantization, summary
-from esa.reporting.format import count_text, num, ratio_text, run_text, sci, verb
+from esa.reporting.format import count_text, num, prune_levels, ratio_text, run_text, sci, verb
 from esa.reporting.plots import PLOTS
 from esa.reporting.superweights import feeds_text
 
@@ -53,6 +53,11 @@ def _question(cfg: dict, pert: dict | None) -> str:
         return (f"**Question.** Does keeping the {sel} of `{c['model']}` with the highest `{c['metric']}` scores "
                 f"(Top-K) in full precision rescue {c['bits']}-bit round-to-nearest quantization, more than keeping "
                 f"as many random weights{supers} (block sizes {', '.join(map(str, c['block_sizes']))})?")
+    if prune_levels(c):
+        levels = ", ".join(prune_levels(c))
+        return (f"**Question.** How much does removing the weights of `{c['model']}` with the lowest `{c['metric']}` "
+                f"scores ({c['mode']}; sparsities and N:M patterns {levels}) hurt the model, against removing as many "
+                f"by magnitude or at random?")
     if not c.get("perturb"):
         return (f"**Question.** Which weights of `{c['model']}` score highest under `{c['metric']}` "
                 f"(Top-K, the {sel}), and how concentrated are the scores? (no perturbation run)")
@@ -81,6 +86,8 @@ def _change(c: dict) -> str:
         return (f"quantization {c['quantize'].upper()} {c['bits']}-bit, block sizes "
                 f"{', '.join(map(str, c['block_sizes']))}" + (f", clipped at {c['clip_z']:g} std" if c.get("clip_z")
                                                                else ""))
+    if prune_levels(c):
+        return f"pruning {', '.join(prune_levels(c))} ({c['mode']})"
     return "no perturbation (scores and Top-K only)"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esa.reporting.format import ratio_text, sci
+from esa.reporting.format import prune_levels, ratio_text, sci
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -131,6 +131,8 @@ def console_summary(config: dict, pert: dict | None, stab: dict | None, top_rows
     """
     c = config
     change = f"quantize={c['quantize']} {c['bits']}-bit" if c.get("quantize") else f"perturb={c['perturb'] or 'none'}"
+    if prune_levels(c):
+        change += f"  prune={','.join(prune_levels(c))}"
     lines = [f"ESA summary  model={c['model']}  metric={c['metric']}  mode={c['mode']}  k={c['topk']}  "
              f"seeds={','.join(map(str, c['seeds']))}  {change}"]
     if coverage:
@@ -142,7 +144,7 @@ def console_summary(config: dict, pert: dict | None, stab: dict | None, top_rows
         sweep = sweep_rows(pert)
         if sweep is not None:
             lines += [_sweep_caption(pert), *text(sweep)]
-    elif not c.get("quantize"):  # a quantization run prints its own table after this one
+    elif not (c.get("quantize") or prune_levels(c)):  # those print their own tables
         lines.append("(no --perturb given: scores and Top-K only)")
     if stab is not None:
         lines.append(_stability_line(stab))

@@ -4,7 +4,9 @@ Under ``OUT_DIR/checkpoints/`` (the tool's own folder):
 
 * ``seed_<seed>.npz``: after a seed is scored and selected, its selections (every metric's Top-K
   and controls for --topk and every --topk-sweep k, as per-tensor flat indices and their scores),
-  its calibration windows and its cross-metric agreement; written atomically, O(k) in size.
+  its calibration windows and its cross-metric agreement; written atomically, O(k) in size; plus
+  what an experiment kept of the full scores (``SeedSelections.kept``: pruning's bit-packed masks,
+  one bit per pruned weight and level).
 * ``evaluations.jsonl``: one line per evaluated condition (:class:`esa.outdir.journal.Journal`).
 * ``super_weights.json``: the detector's result and its ablation.
 """
@@ -57,7 +59,12 @@ def save_seed(out_dir: Path, seed: int, scored: SeedScores) -> Path:
             _put(arrays, meta, f"{metric}|{k}|top_k", top)
             for c, sel in controls.items():
                 _put(arrays, meta, f"{metric}|{k}|{c}", sel)
-        results[metric] = {"windows": r.calibration_windows, "ks": list(ks), "controls": list(r.controls)}
+        kept = {exp: list(got) for exp, got in r.kept.items()}
+        for exp, got in r.kept.items():
+            for i, tensor in enumerate(got.values()):
+                arrays[f"{metric}|kept|{exp}|{i}"] = tensor.numpy()
+        results[metric] = {"windows": r.calibration_windows, "ks": list(ks), "controls": list(r.controls),
+                           "kept": kept}
     header = {"seed": seed, "results": results, "agreement": scored.agreement, "selections": meta}
     buf = io.BytesIO()
     np.savez(buf, header=np.array(json.dumps(header)), **arrays)
@@ -79,7 +86,9 @@ def load_seed(out_dir: Path, seed: int) -> SeedScores | None:
                         {c: _get(z, meta, f"{_m}|{k}|{c}") for c in _info["controls"]})
             top, controls = sels("main")
             sweep = {int(k): sels(k) for k in info["ks"] if k != "main"}
-            results[metric] = SeedSelections(seed, top, controls, info["windows"], sweep)
+            kept = {exp: {key: torch.from_numpy(z[f"{metric}|kept|{exp}|{i}"].copy()) for i, key in enumerate(keys)}
+                    for exp, keys in info.get("kept", {}).items()}
+            results[metric] = SeedSelections(seed, top, controls, info["windows"], sweep, kept)
     return SeedScores(results, header["agreement"])
 
 

@@ -154,8 +154,8 @@ def warn_partial_coverage(cfg: RunConfig, cov: dict) -> bool:
     """Warn (naming the largest missing tensors) when the run scores less than every matrix weight
     although the user filtered nothing; returns whether it warned."""
     if (cov["scored_share_of_matrix_weights"] >= 1.0 or cfg.scoring.include or cfg.scoring.exclude
-            or cfg.experiment.options.quantize):
-        return False  # (--quantize leaves embeddings and the head out on purpose; coverage lists them)
+            or cfg.experiment.options.quantize or cfg.experiment.options.prune or cfg.experiment.options.prune_pattern):
+        return False  # (--quantize and --prune leave embeddings and the head out on purpose; coverage lists them)
     missing = sorted(((n, e["numel"]) for n, e in cov["excluded"].items()), key=lambda x: -x[1])
     log.warning("scoring %.1f %% of the model's matrix weights; the largest tensors not scored: %s",
                 100 * cov["scored_share_of_matrix_weights"], ", ".join(f"{n} ({c:,})" for n, c in missing[:5]))

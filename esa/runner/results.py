@@ -86,11 +86,12 @@ def write_outputs(ctx: RunContext, views: dict[str, RunContext], run: RunResult)
                 for path in plots.make_plots(view.out_dir):
                     view.manifest.add_file(str(path.relative_to(view.out_dir)))
                     plot_paths.append(path)
-    if run.agreement is not None:  # the comparison's own picture: drawn with or without --save-plots
+    if run.agreement is not None:  # the comparison's own pictures: drawn with or without --save-plots
         with manifest.phase("plots"):
-            heatmap = metrics_report.agreement_heatmap(out_dir)
-        manifest.add_file(heatmap.name)
-        plot_paths.append(heatmap)
+            drawn = metrics_report.figures(out_dir)
+        for figure in drawn:
+            manifest.add_file(figure.name)
+            plot_paths.append(figure)
     # report.md is always written (text, cheap; plot sections only with --save-plots), after the
     # manifest says success so that the report quotes the final status; if it fails, the
     # recording() block turns the manifest to failed

@@ -18,7 +18,7 @@ from esa.analysis.stats import all_stats
 from esa.config import RunConfig
 from esa.experiment import controls, selection
 from esa.experiment.perturb import PERTURBATIONS
-from esa.experiment.registry import SeedSelections
+from esa.experiment.registry import EXPERIMENTS, SeedSelections
 from esa.experiment.rows import row_length
 from esa.experiment.sharded import Split
 from esa.metrics import MetricContext, Scored, score_metrics
@@ -120,13 +120,17 @@ def _select(view: RunContext, scored: Scored, seed: int, windows: list[int], wri
             write_score_sample(view.out_dir / "score_distribution.npz" if view.is_main else None, scores, names,
                                top, numpy_rng(seed, "score_sample"),
                                {"metric": cfg.metric, "mode": view.mode, "k": view.topk, "seed": seed}, split)
-        if not view.is_main:
-            return SeedSelections(seed, top, controls, windows, sweep)
-        atomic.write_json(view.out_dir / "sensitivity_stats.json", {"metric": cfg.metric, "seed": seed,
-                                                                    "tensors": stats})
-        view.manifest.add_file("sensitivity_stats.json")
-        view.manifest.add_file("score_distribution.npz")
-    return SeedSelections(seed, top, controls, windows, sweep)
+        if view.is_main:
+            atomic.write_json(view.out_dir / "sensitivity_stats.json", {"metric": cfg.metric, "seed": seed,
+                                                                        "tensors": stats})
+            view.manifest.add_file("sensitivity_stats.json")
+            view.manifest.add_file("score_distribution.npz")
+    kept = {}
+    with view.manifest.phase("selection"):
+        for name in cfg.experiment.enabled():  # e.g. pruning masks: the scores are freed after this seed
+            if got := EXPERIMENTS[name].keep(view, scores):
+                kept[name] = got
+    return SeedSelections(seed, top, controls, windows, sweep, kept)
 
 
 def scores_split(targets: list[Target]) -> Split | None:
