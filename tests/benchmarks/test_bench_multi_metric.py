@@ -74,3 +74,8 @@ def test_verdict_enforces_both_bounds_the_pass_counts_and_equal_results():
     assert any("batch forward+backward: 4 in the multi-metric run" in f for f in bad["failures"])
     assert "b: top_weights.csv differs from its own run" in bad["failures"]
     assert "FAIL: " in bench.table(singles, _run("a,b", 14.1, 5.3, n=4), bad)
+    # an observer's forward alone in its own run rides the gradient metric's forward+backward: no failure;
+    # a per-window pass of a single run that the multi-metric run lacks is one
+    singles["b"]["passes"] = {"batch forward": 2, "window forward+backward": 2}
+    lacking = bench.verdict(singles, _run("a,b", 13.9, 5.2), 2, same)["failures"]
+    assert lacking == ["window forward+backward: missing from the multi-metric run"]
