@@ -24,7 +24,7 @@ from esa.errors import UsageError
 from esa.experiment import match
 from esa.experiment.controls import CONTROLS, unmatched_controls
 from esa.experiment.perturb import PERTURBATIONS, perturbed, resolve_bit
-from esa.experiment.registry import Condition, Experiment, Rows, SeedSelections, evaluation_key, experiment
+from esa.experiment.registry import Condition, Experiment, Rows, RunView, SeedSelections, evaluation_key, experiment
 from esa.experiment.selection import Selection
 from esa.experiment.sweep import sweep_curve
 from esa.naming import canonical
@@ -133,7 +133,7 @@ class Perturbation(Experiment):
             raise UsageError("--restore-activations needs the activations evaluator "
                              "(--evaluate perplexity,activations)")
 
-    def __init__(self, view) -> None:
+    def __init__(self, view: RunView) -> None:
         super().__init__(view)
         self.matched: dict[str, dict] = {}  # seed -> random_mag_k's |w| quantiles against the Top-K's (--topk)
 
