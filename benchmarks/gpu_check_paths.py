@@ -18,6 +18,7 @@ cpu fp32 in ``--cpu-only`` (where every comparison must then be exact):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from gpu_check_common import FAIL, PASS, Check, RunMissing, pair_check, read_json, rel_diff, run_dir, same_run_check
@@ -57,6 +58,23 @@ def _quant_rows(run: Path) -> dict[tuple[str, str, str], float]:
             for c, row in conds.items()}
 
 
+def _compared(out: Path, failed: Check, read: Callable[[Path], dict], diff: Callable[[float, float], float]
+              ) -> tuple[dict, dict, float, tuple] | Check:
+    """``read`` of both runs of ``failed.runs`` (device, reference), and the key whose values ``diff`` the
+    most with that difference: ``(a, b, difference, key)``; ``failed`` with the reason when a run is
+    missing or the two do not hold the same keys (conditions, seeds, tasks...)."""
+    try:
+        a, b = (read(run_dir(out, r)) for r in failed.runs)
+    except RunMissing as e:
+        failed.detail = str(e)
+        return failed
+    if a.keys() != b.keys() or not a:
+        failed.detail = "different (or no) conditions, seeds, block sizes or tasks"
+        return failed
+    worst = max(a, key=lambda k: diff(a[k], b[k]))
+    return a, b, diff(a[worst], b[worst]), worst
+
+
 def quant8_check(out: Path, cpu_only: bool) -> Check:
     """6a: 8-bit RTN changes perplexity by at most 0.5 % in every condition."""
     title = f"--quantize rtn --bits 8 on {_levels(cpu_only)[1]}: every condition vs unquantized"
@@ -75,21 +93,17 @@ def quant8_check(out: Path, cpu_only: bool) -> Check:
 
 def quant4_check(out: Path, cpu_only: bool) -> Check:
     """6b: 4-bit RTN on the device against cpu fp32, condition by condition."""
-    level, dev = _levels(cpu_only)
+    dev = _levels(cpu_only)[1]
     rtol = 0.0 if cpu_only else QUANT4_RTOL
     title, runs = f"--quantize rtn --bits 4: {dev} vs cpu fp32", ("quant4_dev", "quant4_cpu_fp32")
     tol = f"each condition's ppl ratio rel <= {rtol:.0e}" if rtol else "every ppl ratio equal"
-    try:
-        a, b = (_quant_rows(run_dir(out, r)) for r in runs)
-    except RunMissing as e:
-        return Check("6b", title, FAIL, str(e), tolerance=tol, runs=runs)
-    if a.keys() != b.keys():
-        return Check("6b", title, FAIL, "different conditions, seeds or block sizes", tolerance=tol, runs=runs)
-    diffs = {k: rel_diff(a[k], b[k]) for k in a}
-    worst = max(diffs, key=diffs.get)
-    return Check("6b", title, PASS if diffs[worst] <= rtol else FAIL,
-                 f"{len(a)} conditions; largest ratio rel diff {diffs[worst]:.1e} ({worst[2]}: {a[worst]:.4g} vs "
-                 f"{b[worst]:.4g})", {"rel_diff": {"|".join(k): v for k, v in diffs.items()}}, tol, runs)
+    res = _compared(out, Check("6b", title, FAIL, "", tolerance=tol, runs=runs), _quant_rows, rel_diff)
+    if isinstance(res, Check):
+        return res
+    a, b, worst, key = res
+    return Check("6b", title, PASS if worst <= rtol else FAIL,
+                 f"{len(a)} conditions; largest ratio rel diff {worst:.1e} ({key[2]}: {a[key]:.4g} vs {b[key]:.4g})",
+                 {"max_rel_diff": worst}, tol, runs)
 
 
 def resume_check(out: Path, cpu_only: bool) -> Check:
@@ -135,18 +149,15 @@ def tasks_check(out: Path, cpu_only: bool) -> Check:
     atol = 0.0 if cpu_only else TASK_ACC_ATOL
     title, runs = f"--eval-tasks: {_levels(cpu_only)[1]} vs cpu fp32", ("evals_dev", "evals_cpu_fp32")
     tol = f"|accuracy difference| <= {atol} per task and condition" if atol else "every accuracy equal"
-    try:
-        a, b = (_task_accuracy(run_dir(out, r)) for r in runs)
-    except RunMissing as e:
-        return Check("9", title, FAIL, str(e), tolerance=tol, runs=runs)
-    if a.keys() != b.keys() or not a:
-        return Check("9", title, FAIL, "different (or no) tasks or conditions", tolerance=tol, runs=runs)
-    worst = max(a, key=lambda k: abs(a[k] - b[k]))
-    diff = abs(a[worst] - b[worst])
-    return Check("9", title, PASS if diff <= atol else FAIL,
-                 f"{len(a)} accuracies; baseline " + ", ".join(f"{t} {m} {v:.3f}" for (c, t, m), v in a.items()
-                                                               if c == "baseline")
-                 + f"; largest difference {diff:.3f} ({' '.join(worst)})", {"max_abs_diff": diff}, tol, runs)
+    res = _compared(out, Check("9", title, FAIL, "", tolerance=tol, runs=runs), _task_accuracy,
+                    lambda x, y: abs(x - y))
+    if isinstance(res, Check):
+        return res
+    a, _, worst, key = res
+    baseline = ", ".join(f"{t} {m} {v:.3f}" for (c, t, m), v in a.items() if c == "baseline")
+    return Check("9", title, PASS if worst <= atol else FAIL,
+                 f"{len(a)} accuracies; baseline {baseline}; largest difference {worst:.3f} ({' '.join(key)})",
+                 {"max_abs_diff": worst}, tol, runs)
 
 
 def activations_check(out: Path, cpu_only: bool) -> Check:
