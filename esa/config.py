@@ -156,7 +156,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     """Check everything that can be checked before the model loads, group by group; return the config."""
     validate_scoring(cfg.scoring)
     validate_output(cfg.output)
-    validate_experiment(cfg.experiment)
+    validate_experiment(cfg.experiment, cfg.scoring.metrics)
     validate_data(cfg.data)
     validate_distributed(cfg.distributed, distributed.requested())
     if cfg.distributed.shard:

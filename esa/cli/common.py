@@ -120,5 +120,7 @@ def guarded(body: Callable[[], int], argv: list[str], interrupted: str) -> int:
         if verbose:
             traceback.print_exc()
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: {type(exc).__name__}: {msg} (run with --verbose for the traceback)", file=sys.stderr)
+        kind = type(exc)  # qualified unless built in: struct.error, not "error: error: ..."
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        print(f"error: {name}: {msg} (run with --verbose for the traceback)", file=sys.stderr)
         return 1

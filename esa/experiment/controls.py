@@ -62,24 +62,33 @@ ControlFn = Callable[[dict[str, torch.Tensor], list[str], int, str, Selection, n
 
 @dataclass(frozen=True)
 class Control:
-    """A control's function; ``nested``: deterministic ranking (smaller k = prefix of a larger k)."""
+    """A control's function; ``nested``: deterministic ranking (smaller k = prefix of a larger k);
+    ``unmatched``: metric -> why the control cannot be built for that metric's Top-K."""
 
     name: str
     fn: ControlFn
     nested: bool
     help: str
+    unmatched: dict[str, str] = field(default_factory=dict)
 
 
 CONTROLS: Registry[Control] = Registry("control")
 
 
-def control_kind(name: str, *, nested: bool, help: str, aliases: tuple[str, ...] = ()
-                 ) -> Callable[[ControlFn], ControlFn]:
-    """Register the decorated function as control ``name`` (a duplicate name is an error)."""
+def control_kind(name: str, *, nested: bool, help: str, aliases: tuple[str, ...] = (),
+                 unmatched: dict[str, str] | None = None) -> Callable[[ControlFn], ControlFn]:
+    """Register the decorated function as control ``name`` (a duplicate name is an error);
+    ``unmatched``: the metrics whose Top-K it cannot be built for, each with the reason."""
     def deco(fn: ControlFn) -> ControlFn:
-        CONTROLS.add(name, Control(name, fn, nested, help), aliases)
+        CONTROLS.add(name, Control(name, fn, nested, help, dict(unmatched or {})), aliases)
         return fn
     return deco
+
+
+def unmatched_controls(metric: str, names: tuple[str, ...]) -> dict[str, str]:
+    """The controls of ``names`` that cannot be built for ``metric``'s Top-K, each with the reason
+    (a single-metric run refuses them; a run of several metrics skips them for that metric only)."""
+    return {c: CONTROLS[c].unmatched[metric] for c in names if metric in CONTROLS[c].unmatched}
 
 
 def sample_excluding(n: int, k: int, excluded: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -178,7 +187,10 @@ NEIGHBOURS = 4  # random_mag_k draws among this many nearest free |w| ranks
 
 @control_kind("random_mag_k", nested=False, aliases=("random_mag", "magnitude_matched"),
               help="for each Top-K weight a random weight of the same tensor with nearly the same |w| (one of the "
-                   f"{NEIGHBOURS} nearest free |w| ranks), disjoint from the Top-K")
+                   f"{NEIGHBOURS} nearest free |w| ranks), disjoint from the Top-K",
+              unmatched={"magnitude": "the magnitude Top-K is the largest |w| of every tensor (every row under "
+                                      "per_row) it takes weights from, so no weight left outside it has as large a "
+                                      "|w|: it cannot be matched by construction"})
 def random_mag_k(scores, names, k, mode, top, rng, ctx) -> Selection:
     indices = {}
     for n in names:

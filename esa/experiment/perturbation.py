@@ -21,9 +21,10 @@ import re
 from collections.abc import Hashable, Iterator
 
 from esa.errors import UsageError
-from esa.experiment.controls import CONTROLS
+from esa.experiment import match
+from esa.experiment.controls import CONTROLS, unmatched_controls
 from esa.experiment.perturb import PERTURBATIONS, perturbed, resolve_bit
-from esa.experiment.registry import Condition, Experiment, Rows, SeedSelections, evaluation_key, experiment
+from esa.experiment.registry import Condition, Experiment, Rows, RunView, SeedSelections, evaluation_key, experiment
 from esa.experiment.selection import Selection
 from esa.experiment.sweep import sweep_curve
 from esa.naming import canonical
@@ -132,8 +133,16 @@ class Perturbation(Experiment):
             raise UsageError("--restore-activations needs the activations evaluator "
                              "(--evaluate perplexity,activations)")
 
+    def __init__(self, view: RunView) -> None:
+        super().__init__(view)
+        self.matched: dict[str, dict] = {}  # seed -> random_mag_k's |w| quantiles against the Top-K's (--topk)
+
     def conditions(self, sel: SeedSelections) -> Iterator[tuple[Hashable, Condition]]:
         k_main = self.view.topk
+        if match.CONTROL in sel.controls:  # read before the first condition changes the model
+            by_name = self.view.by_name
+            self.matched[str(sel.seed)] = match.seed_quality(match.abs_weights(by_name, sel.top),
+                                                             match.abs_weights(by_name, sel.controls[match.CONTROL]))
         yield from self._at(sel.seed, k_main, sel.top, sel.controls, "")
         for k in self.opts.topk_sweep:
             if k != k_main:  # a sweep k equal to --topk is the main conditions (same rows)
@@ -175,12 +184,22 @@ class Perturbation(Experiment):
             yield info
 
     def controls_info(self) -> dict | None:
-        """bottom_k's ineligible weights: the exact zeros, when the perturbation leaves them unchanged."""
-        if "bottom_k" not in self.opts.controls or PERTURBATIONS[self.opts.perturb].changes_zero:
-            return None
-        zeros = sum(int((t.param == 0).sum()) for t in self.view.targets)
-        return {"bottom_k": {"ineligible_weights": zeros,
-                             "reason": f"exact zeros, which {self.opts.perturb} leaves unchanged, are not drawn"}}
+        """What each control could not do: bottom_k's ineligible weights (the exact zeros, when the
+        perturbation leaves them unchanged); random_mag_k's match quality (``match_quality``, see
+        :mod:`esa.experiment.match`), or why it was skipped for this metric (``skipped``)."""
+        info = {}
+        if "bottom_k" in self.opts.controls and not PERTURBATIONS[self.opts.perturb].changes_zero:
+            zeros = sum(int((t.param == 0).sum()) for t in self.view.targets)
+            info["bottom_k"] = {"ineligible_weights": zeros,
+                                "reason": f"exact zeros, which {self.opts.perturb} leaves unchanged, are not drawn"}
+        for control, why in unmatched_controls(self.view.metric, self.opts.controls).items():
+            info[control] = {"skipped": True, "reason": f"skipped for {self.view.metric}: {why}"}
+            log.warning("%s: %s", control, info[control]["reason"])
+        if self.matched:
+            info[match.CONTROL] = {"match_quality": match.summary(self.matched)}
+            if "warning" in info[match.CONTROL]["match_quality"]:
+                log.warning("%s", info[match.CONTROL]["match_quality"]["warning"])
+        return info or None
 
     def results(self, rows: Rows, baseline: dict) -> dict:
         """The primary seed's block where single-seed users expect it, every seed's, and statistics.

@@ -21,6 +21,7 @@ import torch
 
 from esa.errors import UsageError
 from esa.model.device import DTYPES, EMBEDDED_MODEL
+from esa.model.files import check_model_files
 from esa.model.offline import offline_unless_reachable
 
 log = logging.getLogger("esa")
@@ -97,12 +98,15 @@ def model_source(model: str) -> tuple[str, dict]:
     if p.suffix.lower() == ".gguf":
         if not p.is_file():
             raise UsageError(f"GGUF file {model!r} does not exist")
+        check_model_files(p)  # a truncated download: one line naming the file, not a reader's crash
         return str(p.parent), {"gguf_file": p.name}
     looks_local = model.startswith(("/", ".", "~")) or p.exists()
     if looks_local and not p.exists():
         raise UsageError(f"model path {model!r} does not exist")
     if looks_local and not (p.is_dir() and (p / "config.json").is_file()):
         raise UsageError(f"{model!r} is not a model directory (no config.json)")
+    if looks_local:
+        check_model_files(p)
     return (str(p) if looks_local else model), {}
 
 

@@ -24,18 +24,19 @@ VOLATILE_KEYS = frozenset({"started_at", "finished_at", "timings_s", "wall_time_
 _REPORT_TIMING = re.compile(r"run: (\w+) after [0-9.]+ s(?: over \d+ sessions \([^)]*\))?|run (\w+) in [0-9.]+ s")
 
 
-def _strip(obj):
+def strip_volatile(obj):
+    """``obj`` (parsed JSON) without the keys of :data:`VOLATILE_KEYS`, at any depth."""
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE_KEYS}
+        return {k: strip_volatile(v) for k, v in obj.items() if k not in VOLATILE_KEYS}
     if isinstance(obj, list):
-        return [_strip(v) for v in obj]
+        return [strip_volatile(v) for v in obj]
     return obj
 
 
 def normalised(path: Path) -> bytes:
     """The bytes of ``path`` that must match between identical runs."""
     if path.suffix == ".json":
-        return json.dumps(_strip(json.loads(path.read_text(encoding="utf-8"))), sort_keys=True).encode()
+        return json.dumps(strip_volatile(json.loads(path.read_text(encoding="utf-8"))), sort_keys=True).encode()
     if path.suffix == ".md":
         return _REPORT_TIMING.sub(lambda m: f"run {m.group(1) or m.group(2)} in <t> s",
                                   path.read_text(encoding="utf-8")).encode()

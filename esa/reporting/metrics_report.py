@@ -33,6 +33,8 @@ def _ratio_cell(pert: dict, cond: str) -> str:
     if s:
         return ratio_text(s["mean"]) + ("" if s.get("std") is None else f" ± {sci(s['std'])}")
     c = pert["conditions"].get(cond)
+    if c is None and (pert.get("controls") or {}).get(cond, {}).get("skipped"):
+        return "skipped"
     return ratio_text(c["ratio"]) if c else "–"
 
 
@@ -41,7 +43,9 @@ def condition_matrix(out_dir: Path, config: dict) -> summary.Table | None:
     perts = {m: read_json(d, "perturbation_results.json") for m, d in metric_dirs(out_dir, config).items()}
     if any(p is None for p in perts.values()):
         return None
-    conds = list(next(iter(perts.values()))["conditions"])
+    # every metric's conditions, in order: a control skipped for one metric (random_mag_k under magnitude) is
+    # still a column of the others
+    conds = list(dict.fromkeys(c for p in perts.values() for c in p["conditions"]))
     head = ["metric", *conds]
     several = "tests" in next(iter(perts.values()))
     if several:
@@ -178,9 +182,12 @@ def sections(out_dir: Path, config: dict, agreement: dict | None) -> list[Sectio
                            f"Top-K is in {METRICS_DIR}/<name>/top_weights.csv", top))
     table = condition_matrix(out_dir, config)
     if table is not None:
+        notes = [f"{name} was {block['reason']}." for d in metric_dirs(out_dir, config).values()
+                 for name, block in ((read_json(d, "perturbation_results.json") or {}).get("controls") or {}).items()
+                 if block.get("skipped")]
         out.append(Section("Metric × condition → perplexity ratio",
                            "perturbed ÷ baseline perplexity, mean ± sample std over seeds; a single seed: its ratio",
-                           table))
+                           table, " ".join(notes)))
     quant = quantization_matrix(out_dir, config)
     if quant is not None:
         out.append(Section("Metric × block size → quantized perplexity ratio",

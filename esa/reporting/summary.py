@@ -97,6 +97,25 @@ def _no_op_notes(pert: dict) -> list[str]:
             for name, c in pert["conditions"].items() if c["n_changed"] < c["n_perturbed"]]
 
 
+def control_notes(pert: dict) -> list[str]:
+    """What the controls could not do: a control skipped for this metric (with why), and random_mag_k's
+    |w| match to the Top-K per seed (control ÷ Top-K at each quantile) with the warning when it is off."""
+    notes = []
+    for name, block in (pert.get("controls") or {}).items():
+        if block.get("skipped"):
+            notes.append(f"Note: {name} was {block['reason']}.")
+        mq = block.get("match_quality")
+        if mq:
+            at = "/".join(f"{100 * q:g}" for q in mq["quantiles"])
+            per = "; ".join(f"seed {s} " + " / ".join("–" if r is None else f"{r:.3f}" for r in q["ratio"])
+                            for s, q in mq["per_seed"].items())
+            notes.append(f"Note: {name}'s |w| ÷ the Top-K's |w| at the {at} % quantiles: {per} (matched within "
+                         f"{100 * mq['tolerance']:g} % when every ratio is within 1 ± {mq['tolerance']:g}).")
+            if mq.get("warning"):
+                notes.append(f"Warning: {mq['warning']}.")
+    return notes
+
+
 def _stability_line(stab: dict) -> str:
     return (f"Top-K stability: mean Jaccard {stab['jaccard_mean']:.3f} ± {stab['jaccard_std']:.3f} over "
             f"consecutive seed pairs ({', '.join(f'{j:.3f}' for j in stab['jaccard_all'])}).")
@@ -110,7 +129,7 @@ def _sweep_caption(pert: dict) -> str:
 def markdown_summary(pert: dict, stab: dict | None) -> list[str]:
     """report.md's summary: caption, table, no-op control notes, stability."""
     lines = [_caption(pert), "", *markdown(condition_table(pert))]
-    for note in _which_p(pert) + _no_op_notes(pert):
+    for note in _which_p(pert) + _no_op_notes(pert) + control_notes(pert):
         lines += ["", note]
     if stab is not None:
         lines += ["", _stability_line(stab)]
@@ -140,7 +159,8 @@ def console_summary(config: dict, pert: dict | None, stab: dict | None, top_rows
                      f"weights ({100 * coverage['scored_share_of_matrix_weights']:.1f} %); not scored: "
                      f"{len(coverage['excluded'])} tensor(s), listed in config.json")
     if pert is not None:
-        lines += [_caption(pert), *text(condition_table(pert)), *_which_p(pert), *_no_op_notes(pert)]
+        lines += [_caption(pert), *text(condition_table(pert)), *_which_p(pert), *_no_op_notes(pert),
+                  *control_notes(pert)]
         sweep = sweep_rows(pert)
         if sweep is not None:
             lines += [_sweep_caption(pert), *text(sweep)]

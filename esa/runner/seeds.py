@@ -170,14 +170,18 @@ def select_all(cfg: RunConfig, scores: dict[str, torch.Tensor], names: list[str]
     ks = sorted({topk, *o.topk_sweep})
     top_max = selection.top_k(scores, names, ks[-1], mode, need=room(cfg), in_axes=cctx.in_axes if cctx else None,
                               split=cctx.split if cctx else None)
+    # a control this metric's Top-K cannot have (random_mag_k under magnitude, in a run of several metrics) is
+    # skipped; the experiment's results say why
+    skipped = controls.unmatched_controls(cfg.metric, o.controls)
+    wanted = [c for c in o.controls if c not in skipped]
     nested = {c: controls.control(c, scores, names, ks[-1], mode, top_max, None, cctx)  # deterministic
-              for c in o.controls if controls.CONTROLS[c].nested}
+              for c in wanted if controls.CONTROLS[c].nested}
     out = {}
     for k in ks:
         top = top_max.prefix(k, mode, names)
         out[k] = (top, {c: nested[c].prefix(k, mode, names) if c in nested else controls.control(
             c, scores, names, k, mode, top, numpy_rng(seed, c if k == topk else f"{c}:k{k}"), cctx)
-            for c in o.controls})
+            for c in wanted})
     return out
 
 

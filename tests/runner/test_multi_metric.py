@@ -6,6 +6,7 @@ import json
 import math
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +45,7 @@ def summary_part(report: str) -> str:
     return report[report.index("## Summary"):report.index("## Files")]
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", [m for m in METRICS if m != "magnitude"])
 def test_each_metric_folder_equals_the_single_metric_run(tiny, multi, tmp_path, metric):
     single = tmp_path / "single"
     assert esa_runner.main(args(tiny, single, metric)) == 0
@@ -54,6 +55,35 @@ def test_each_metric_folder_equals_the_single_metric_run(tiny, multi, tmp_path, 
     # config.json up to the command line and out-dir, every plot), except what only a run has
     assert diff == {"experiment_manifest.json": "only in B", "report.md": "differs"}
     assert summary_part((folder / "report.md").read_text()) == summary_part((single / "report.md").read_text())
+
+
+def test_magnitude_skips_random_mag_k_with_its_reason(tiny, multi, tmp_path, capsys):
+    """random_mag_k cannot be matched to the magnitude Top-K (its largest |w|): refused for --metric magnitude
+    alone, skipped for magnitude in a run of several metrics; the folder is then the single run without it."""
+    assert esa_runner.main(args(tiny, tmp_path / "refused", "magnitude")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "random_mag_k" in err and "cannot be matched by construction" in err
+    argv = args(tiny, tmp_path / "single", "magnitude")
+    argv[argv.index("--controls") + 1] = "random_k,bottom_k"
+    assert esa_runner.main(argv) == 0
+    folder = multi / "metrics" / "magnitude"
+    diff = {n: v for n, v in compare(folder, tmp_path / "single").items() if v != "identical"}
+    assert diff == {"experiment_manifest.json": "only in B", "report.md": "differs", "config.json": "differs",
+                    "perturbation_results.json": "differs"}
+    res = json.loads((folder / "perturbation_results.json").read_text())
+    skipped = res["controls"].pop("random_mag_k")
+    assert skipped["skipped"] and "cannot be matched by construction" in skipped["reason"]
+    assert "random_mag_k" not in res["conditions"] and "random_mag_k" not in res["sweep"]["conditions"]
+    single = json.loads((tmp_path / "single" / "perturbation_results.json").read_text())
+    assert res["per_seed"] == single["per_seed"] and res.get("tests") == single.get("tests")
+    assert f"random_mag_k was {skipped['reason']}." in (folder / "report.md").read_text()
+    assert "random_mag_k was skipped for magnitude" in (multi / "report.md").read_text()
+    matrix = (multi / "report.md").read_text().split("## Metric × condition")[1].splitlines()
+    row = next(line for line in matrix if line.startswith("| `magnitude` |"))
+    assert "skipped" in row
+    # the metrics that can have it do, with their match quality
+    assert "match_quality" in json.loads((multi / "metrics" / "obs" / "perturbation_results.json").read_text())[
+        "controls"]["random_mag_k"]
 
 
 def test_agreement_json_and_heatmap(multi):
@@ -133,3 +163,35 @@ def test_identical_conditions_are_evaluated_once(multi):
     assert len(journal) < 1 + conditions + sweep
     random_ppl = {m: r["per_seed"]["0"]["random_k"]["ppl"] for m, r in rows.items()}
     assert len(set(random_ppl.values())) < len(METRICS)
+
+
+def test_random_mag_k_match_quality_is_the_selected_weights_quantiles(tiny, multi):
+    """Per seed, random_mag_k's |w| quantiles over the Top-K's, recomputed with numpy from the model file
+    and the selections the run kept (checkpoints/seed_<s>.npz)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from esa.runner.checkpoint import load_seed
+
+    weights = load_file(str(next(Path(tiny).glob("*.safetensors"))))
+    for metric in ("grad_x_weight", "obs"):
+        mq = json.loads((multi / "metrics" / metric / "perturbation_results.json").read_text())[
+            "controls"]["random_mag_k"]["match_quality"]
+        assert mq["quantiles"] == [0.1, 0.5, 0.9] and mq["tolerance"] == 0.05 and sorted(mq["per_seed"]) == ["0", "1"]
+        worst = 0.0
+        for seed in (0, 1):
+            sel = load_seed(multi, seed).results[metric]
+
+            def abs_w(s) -> np.ndarray:
+                return np.concatenate([np.abs(weights[n].reshape(-1)[i.numpy()]) for n, i in s.indices.items()])
+            top, ctl = (np.quantile(abs_w(s).astype(np.float64), [0.1, 0.5, 0.9])
+                        for s in (sel.top, sel.controls["random_mag_k"]))
+            got = mq["per_seed"][str(seed)]
+            np.testing.assert_allclose(got["top_k_abs_w"], top, rtol=1e-12)
+            np.testing.assert_allclose(got["control_abs_w"], ctl, rtol=1e-12)
+            np.testing.assert_allclose(got["ratio"], ctl / top, rtol=1e-12)
+            worst = max(worst, float(np.max(np.abs(ctl / top - 1))))
+        assert mq["max_deviation"] == pytest.approx(worst)
+        assert ("warning" in mq) == (worst > 0.05)
+        report = (multi / "metrics" / metric / "report.md").read_text()
+        assert "random_mag_k's |w| ÷ the Top-K's |w| at the 10/50/90 % quantiles" in report
