@@ -4,6 +4,7 @@ single-perturbation runs file for file."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -106,3 +107,34 @@ def test_bit_index_needs_bit_flip_among_them(tiny, tmp_path, capsys):
     argv = args(tiny, tmp_path / "bad", "act_mag", "zero,sign_flip") + ["--bit-index", "3"]
     assert esa_runner.main(argv) == 2
     assert "--bit-index only applies to --perturb bit_flip" in capsys.readouterr().err
+
+
+def test_dry_run_lists_each_perturbation_and_its_folder(capsys):
+    assert esa_runner.main(["--dry-run", "--device", "cpu", "--perturb", "zero,gaussian:0.5,bit_flip",
+                            "--perturb-scale", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "zero scale=2.0; gauss_noise scale=0.5; bit_flip scale=2.0 bit=MSB of exponent" in out
+    assert "perturbations/{zero,gauss_noise,bit_flip}/{config.json," in out
+
+
+def test_deleted_figures_and_reports_come_back_the_same(multi, tmp_path, capsys):
+    """python -m esa.report rebuilds every figure and report of a run of several metrics and perturbations."""
+    from esa.cli import report
+
+    copy = tmp_path / "copy"
+    shutil.copytree(multi[0], copy)
+    made = [p for p in copy.rglob("*") if p.suffix == ".png" or p.name == "report.md"]
+    assert len([p for p in made if p.name == "report.md"]) == 1 + 2 + 2 * 4  # run, metrics, perturbations
+    for p in made:
+        p.unlink()
+    assert report.main([str(copy)]) == 0, capsys.readouterr().err
+    assert {str(p) for p in made} <= set(capsys.readouterr().out.split())
+    assert {n: v for n, v in compare(multi[0], copy).items() if v != "identical"} == {}
+
+
+def test_compute_overlap_finds_each_metrics_top_k(multi):
+    from esa.analysis.overlap import runs_in
+
+    out = multi[0]
+    assert runs_in(out) == [(f"{out}[{m}]", out / "metrics" / m / "perturbations" / "zero")
+                            for m in ("grad_x_weight", "act_mag")]
