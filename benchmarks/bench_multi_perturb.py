@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_multi_metric import timed_run as multi_metric_run  # noqa: E402
 from esa.compare.cli import main as compare_main  # noqa: E402
 from esa.outdir.compare import compare  # noqa: E402
 from tests.realmodels import CORPUS, embedded_dir  # noqa: E402
@@ -47,13 +46,19 @@ def common_flags(small: bool) -> list[str]:
 
 
 def timed_run(out: Path, metric: str, perturb: str, flags: list[str]) -> dict:
-    """One esa_runner.py process; its wall time and the manifest's phase timings."""
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "esa_runner.py"), "--metric", metric, "--perturb", perturb,
-                    "--out-dir", str(out), *flags], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
-    manifest = json.loads((out / "experiment_manifest.json").read_text())
-    return {"metric": metric, "perturb": perturb, "wall_s": wall, "phases_s": manifest["timings_s"]}
+    """One esa_runner.py process (:func:`bench_multi_metric.timed_run`): its wall time and phase timings."""
+    return {**multi_metric_run(out, metric, ["--perturb", perturb, *flags]), "perturb": perturb}
+
+
+def table(runs: list[dict]) -> str:
+    """Each run's wall time and the manifest's loading, scoring and evaluation phases, aligned."""
+    cols = (("wall s", lambda r: r["wall_s"]), ("load s", lambda r: r["phases_s"].get("load_model", 0)),
+            ("scoring s", lambda r: r["phases_s"].get("scoring", 0)),
+            ("evaluation s", lambda r: r["phases_s"].get("evaluation", 0)))
+    head = f"{'run':<58}" + "".join(f" {name:>13}" for name, _ in cols)
+    return "\n".join([head, *(f"{r['metric'] + ' / ' + r['perturb']:<58}" + "".join(f" {get(r):13.1f}"
+                                                                                   for _, get in cols)
+                               for r in runs)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,14 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     assert compare_main([str(args.out / "one"), "--out", str(args.out / "compare")]) == 0
     result = {"small": args.small, "flags": flags, "one": one, "singles": singles, "singles_total_s": total,
               "ratio_wall": one["wall_s"] / total, "verdicts_against_single": same}
-    print(f"{'run':<58} {'wall s':>8} {'load s':>7} {'scoring s':>10} {'evaluation s':>13}")
-    for r in [one, *singles]:
-        ph = r["phases_s"]
-        print(f"{r['metric'] + ' / ' + r['perturb']:<58} {r['wall_s']:8.1f} {ph.get('load_model', 0):7.1f} "
-              f"{ph.get('scoring', 0):10.1f} {ph.get('evaluation', 0):13.1f}")
-    print(f"one run / {len(singles)} separate runs: {one['wall_s']:.1f} s / {total:.1f} s = "
-          f"{result['ratio_wall']:.2f}x (target <= 0.75x at full size)")
-    print("file verdicts of each perturbation's folder against its separate run:", json.dumps(same))
+    print("\n".join([table([one, *singles]),
+                     f"one run / {len(singles)} separate runs: {one['wall_s']:.1f} s / {total:.1f} s = "
+                     f"{result['ratio_wall']:.2f}x (target <= 0.75x at full size)",
+                     f"file verdicts of each perturbation's folder against its separate run: {json.dumps(same)}"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
