@@ -67,7 +67,7 @@ def perturbations(opts: Options) -> dict[str, float]:
     """Each perturbation of ``--perturb`` -> its scale (its own ``name:scale``, else ``--perturb-scale``);
     empty without ``--perturb``."""
     out = {}
-    for part in (opts.perturb or "").split(",") if opts.perturb else ():
+    for part in opts.perturb.split(",") if opts.perturb else ():
         name, _, scale = part.partition(":")
         out[name] = float(scale) if scale else opts.perturb_scale
     return out

@@ -138,3 +138,22 @@ def test_compute_overlap_finds_each_metrics_top_k(multi):
     out = multi[0]
     assert runs_in(out) == [(f"{out}[{m}]", out / "metrics" / m / "perturbations" / "zero")
                             for m in ("grad_x_weight", "act_mag")]
+
+
+def test_a_killed_run_of_several_perturbations_resumes_to_the_same_files(tiny, tmp_path):
+    """Each seed's checkpoint holds every perturbation's selections (bottom_k differs for bit_flip)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.realmodels import REPO
+
+    full, out = tmp_path / "full", tmp_path / "run"
+    assert esa_runner.main(args(tiny, full, "act_mag", "zero,bit_flip")) == 0
+    env = {**os.environ, "ESA_FAULT": "condition:5"}
+    proc = subprocess.run([sys.executable, "esa_runner.py", *args(tiny, out, "act_mag", "zero,bit_flip")], cwd=REPO,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert esa_runner.main(args(tiny, out, "act_mag", "zero,bit_flip") + ["--resume", str(out)]) == 0
+    assert {n: v for n, v in compare(out, full).items() if v != "identical"} == {}
+    assert json.loads((out / "experiment_manifest.json").read_text())["resumes"][0]["evaluations_done"] == 5
