@@ -27,6 +27,7 @@ from pathlib import Path
 from esa.data import DataSpec, validate_data
 from esa.errors import UsageError
 from esa.evaluators.spec import EvaluationSpec, validate_evaluation
+from esa.experiment import perturbation
 from esa.experiment.spec import ExperimentSpec, validate_experiment
 from esa.metrics import METRICS
 from esa.metrics.spec import ScoringSpec, validate_scoring
@@ -70,6 +71,20 @@ class RunConfig:
     def for_metric(self, name: str) -> RunConfig:
         """This configuration with only metric ``name``: what a single-metric run of it would be."""
         return self.replace(scoring=dataclasses.replace(self.scoring, metrics=(name,)))
+
+    @property
+    def perturbations(self) -> tuple[str, ...]:
+        """The perturbations of ``--perturb`` in the order given (empty without it)."""
+        return tuple(perturbation.perturbations(self.experiment.options))
+
+    @property
+    def multi_perturb(self) -> bool:
+        """Several perturbations: each gets its own folder ``perturbations/<name>/``."""
+        return len(self.perturbations) > 1
+
+    def for_perturbation(self, name: str) -> RunConfig:
+        """This configuration with only perturbation ``name``: what a run of it alone would be."""
+        return self.replace(experiment=ExperimentSpec(perturbation.single(self.experiment.options, name)))
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -134,7 +149,8 @@ def default_run_dir(cfg: RunConfig) -> Path:
     o = cfg.experiment.options
     return default_out_dir(model_slug(cfg.model.model), "+".join(cfg.scoring.metrics), cfg.scoring.mode,
                            f"k{cfg.scoring.topk}",
-                           *filter(None, [o.perturb, f"{o.quantize}{o.bits}" if o.quantize else None,
+                           *filter(None, ["+".join(cfg.perturbations),
+                                          f"{o.quantize}{o.bits}" if o.quantize else None,
                                           "prune" if o.prune or o.prune_pattern else None]))
 
 

@@ -19,6 +19,7 @@ from scipy import stats
 from esa.analysis.stability import index_sets, intersection_size, jaccard
 from esa.errors import UsageError
 from esa.outdir.layout import METRICS_DIR
+from esa.outdir.readers import leaf_dirs
 
 
 def _config(folder: Path) -> dict:
@@ -30,12 +31,17 @@ def _config(folder: Path) -> dict:
 
 def runs_in(path: Path) -> list[tuple[str, Path]]:
     """``(label, folder with top_weights.csv)`` of each Top-K an out-dir holds: the run itself, or each
-    metric of a multi-metric run (``metrics/<name>/``, labelled ``PATH[name]``)."""
+    metric of a multi-metric run (``metrics/<name>/``, labelled ``PATH[name]``); with several
+    perturbations, the first one's folder (``perturbations/<name>/``: every perturbation's Top-K is the same)."""
     if (path / "top_weights.csv").is_file():
         return [(str(path), path)]
-    metrics = _config(path).get("metrics") or []
-    folders = [(f"{path}[{m}]", path / METRICS_DIR / m) for m in metrics]
-    if len(metrics) > 1 and all((f / "top_weights.csv").is_file() for _, f in folders):
+    config = _config(path)
+    first: dict[str, Path] = {}
+    for (m, _), folder in (leaf_dirs(path, config) if config else {}).items():
+        first.setdefault(m, folder)
+    folders = [(f"{path}[{m}]" if len(first) > 1 else str(path), f) for m, f in first.items()]
+    if folders and (len(first) > 1 or folders[0][1] != path) and all((f / "top_weights.csv").is_file()
+                                                                     for _, f in folders):
         return folders
     raise UsageError(f"{path} has no top_weights.csv, at its top or in {METRICS_DIR}/<name>/ "
                      "(not an ESA out-dir, or a run that stopped before selecting)")

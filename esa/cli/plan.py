@@ -60,6 +60,11 @@ def data_plan(d: DataSpec) -> str:
 def output_files(cfg: RunConfig) -> list[str]:
     """Every file the run will write, as the pipeline writes them (several metrics: the run's own
     files, then one single-metric out-dir per metric under metrics/<name>/)."""
+    if cfg.multi_perturb and not cfg.multi:
+        perts = cfg.perturbations
+        each = [f for f in output_files(cfg.for_perturbation(perts[0])) if f != "experiment_manifest.json"]
+        return ["config.json", "experiment_manifest.json", "report.md",
+                f"perturbations/{{{','.join(perts)}}}/{{{','.join(each)}}}"]
     if cfg.multi:
         metrics = cfg.scoring.metrics
         each = [f for f in output_files(cfg.for_metric(metrics[0])) if f != "experiment_manifest.json"]
@@ -114,8 +119,13 @@ def _perturb_row(cfg: RunConfig) -> str | None:
     o = cfg.experiment.options
     if not o.perturb:
         return None if cfg.experiment.enabled() else "none (scores and Top-K only)"
-    bit = f" bit={o.bit_index if o.bit_index is not None else 'MSB of exponent'}" if o.perturb == "bit_flip" else ""
-    return f"{o.perturb} scale={o.perturb_scale} prob={o.perturb_prob}{bit}"
+    rows = []
+    for name in cfg.perturbations:  # each with its own scale (and bit), as its folder's run
+        p = cfg.for_perturbation(name).experiment.options
+        bit = f" bit={p.bit_index if p.bit_index is not None else 'MSB of exponent'}" if name == "bit_flip" else ""
+        rows.append(f"{name} scale={p.perturb_scale}{bit}")
+    several = "; each in perturbations/<name>/, scored and selected once" if cfg.multi_perturb else ""
+    return f"{'; '.join(rows)} prob={o.perturb_prob}{several}"
 
 
 def runner_plan(cfg: RunConfig) -> str:

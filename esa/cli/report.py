@@ -26,21 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Rebuild the out-dir's figures and reports, printing each path; the exit code (2: bad input or
     nothing to rebuild, one line on stderr)."""
-    from esa.errors import UsageError
+    from esa.errors import UsageError, light_main
 
-    args = sys.argv[1:] if argv is None else list(argv)
-    try:
-        ns = build_parser().parse_args(args)
-    except SystemExit as exc:  # --help (0) or a usage error (2, argparse's own line)
-        return int(exc.code or 0)
-    try:
+    def body(ns: argparse.Namespace) -> None:
         if not ns.out_dir.is_dir():
             raise UsageError(f"{ns.out_dir} is not a folder (usage: python -m esa.report OUT_DIR)")
         from esa.reporting.rebuild import rebuild  # matplotlib only when there is something to draw
 
         for path in rebuild(ns.out_dir, ns.save_plots):
             print(path)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return light_main(build_parser().parse_args, body, sys.argv[1:] if argv is None else list(argv))

@@ -23,6 +23,7 @@ from esa.data import DataSpec
 from esa.errors import UsageError
 from esa.evaluators import evaluator_options
 from esa.evaluators.spec import EvaluationSpec
+from esa.experiment import perturbation
 from esa.experiment.registry import EXPERIMENTS, experiment_options
 from esa.experiment.spec import ExperimentSpec
 from esa.metrics.registry import metric_options
@@ -80,7 +81,7 @@ def config_from_args(argv: list[str]) -> tuple[RunConfig, set[str]]:
     resume_dir = vals.pop("resume_dir")
     if resume_dir and vals["out_dir"] and Path(vals["out_dir"]) != Path(resume_dir):
         raise UsageError("--resume names the out-dir; give --out-dir only if it is the same folder")
-    experiment = flags.options(experiment_options(), vals)
+    experiment = perturbation.normalized(flags.options(experiment_options(), vals))
     if experiment.quantize:
         if "controls" in given:
             raise UsageError("--controls applies to --perturb; --quantize compares its own conditions (none, "

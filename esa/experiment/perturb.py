@@ -64,16 +64,17 @@ class Perturbation:
     fn: PerturbFn
     help: str
     changes_zero: bool  # whether an exact 0.0 changes (controls only draw weights a perturbation changes)
+    scaled: bool = False  # whether --perturb-scale (or ``name:scale`` in --perturb) changes what it does
 
 
 PERTURBATIONS: Registry[Perturbation] = Registry("perturbation")
 
 
-def perturbation(name: str, *, help: str, changes_zero: bool, aliases: tuple[str, ...] = ()
+def perturbation(name: str, *, help: str, changes_zero: bool, aliases: tuple[str, ...] = (), scaled: bool = False
                  ) -> Callable[[PerturbFn], PerturbFn]:
     """Register the decorated function as perturbation ``name`` (a duplicate name is an error)."""
     def deco(fn: PerturbFn) -> PerturbFn:
-        PERTURBATIONS.add(name, Perturbation(name, fn, help, changes_zero), aliases)
+        PERTURBATIONS.add(name, Perturbation(name, fn, help, changes_zero, scaled), aliases)
         return fn
     return deco
 
@@ -83,13 +84,14 @@ def zero(values: torch.Tensor, params: PerturbParams, gen: torch.Generator) -> t
     return torch.zeros_like(values)
 
 
-@perturbation("sign_flip", aliases=("signflip", "flip_sign"), help="w -> -scale*w", changes_zero=False)
+@perturbation("sign_flip", aliases=("signflip", "flip_sign"), help="w -> -scale*w", changes_zero=False,
+              scaled=True)
 def sign_flip(values: torch.Tensor, params: PerturbParams, gen: torch.Generator) -> torch.Tensor:
     return (values.float() * -params.scale).to(values.dtype)
 
 
 @perturbation("gauss_noise", aliases=("gaussian", "gauss", "noise"), help="w -> w + N(0, (scale*|w|)^2)",
-              changes_zero=False)
+              changes_zero=False, scaled=True)
 def gauss_noise(values: torch.Tensor, params: PerturbParams, gen: torch.Generator) -> torch.Tensor:
     noise = torch.randn(values.shape, generator=gen, dtype=torch.float32).to(values.device)
     v = values.float()

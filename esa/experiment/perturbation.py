@@ -36,7 +36,56 @@ RESULTS = "perturbation_results.json"
 
 
 def parse_perturb(text: str) -> str:
-    return canonical(text, PERTURBATIONS.names(), PERTURBATIONS.aliases(), "--perturb")
+    """``"zero"`` or several, ``"zero,sign_flip,gauss_noise:0.5"`` (aliases allowed): the canonical names
+    comma-joined in the order given, each with its own scale (``name:scale``) where it was typed; a
+    scale on a perturbation that has none, a bad scale or a name given twice is a usage error."""
+    out: list[str] = []
+    for part in text.split(","):
+        name, colon, scale = part.partition(":")
+        name = canonical(name, PERTURBATIONS.names(), PERTURBATIONS.aliases(), "--perturb")
+        if name in (n.partition(":")[0] for n in out):
+            raise UsageError(f"--perturb names {name} twice: {text!r}")
+        if colon:
+            if not PERTURBATIONS[name].scaled:
+                raise UsageError(f"--perturb {part.strip()!r}: {name} has no scale (a scale applies to "
+                                 f"{', '.join(n for n in PERTURBATIONS if PERTURBATIONS[n].scaled)})")
+            name += f":{_scale(scale, part)!r}"
+        out.append(name)
+    return ",".join(out)
+
+
+def _scale(text: str, part: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0 or value == float("inf"):
+        raise UsageError(f"--perturb {part.strip()!r}: the scale must be a non-negative number")
+    return value
+
+
+def perturbations(opts: Options) -> dict[str, float]:
+    """Each perturbation of ``--perturb`` -> its scale (its own ``name:scale``, else ``--perturb-scale``);
+    empty without ``--perturb``."""
+    out = {}
+    for part in opts.perturb.split(",") if opts.perturb else ():
+        name, _, scale = part.partition(":")
+        out[name] = float(scale) if scale else opts.perturb_scale
+    return out
+
+
+def single(opts: Options, name: str) -> Options:
+    """The options of a run of perturbation ``name`` alone (what ``--perturb name --perturb-scale s``
+    would give: --bit-index only for bit_flip, whose option it is)."""
+    return opts.replace(perturb=name, perturb_scale=perturbations(opts)[name],
+                        bit_index=opts.bit_index if name == "bit_flip" else None)
+
+
+def normalized(opts: Options) -> Options:
+    """One perturbation typed with its own scale (``--perturb gauss_noise:0.5``) is the run of
+    ``--perturb gauss_noise --perturb-scale 0.5``: the same config.json, the same results."""
+    names = perturbations(opts)
+    return single(opts, next(iter(names))) if len(names) == 1 else opts
 
 
 def parse_controls(text: str) -> tuple[str, ...]:
@@ -76,8 +125,10 @@ def _catalogue(registry) -> str:
 
 OPTIONS = (
     Option("perturb", None, f"perturb the Top-K and controls: {', '.join(PERTURBATIONS)} (alias gaussian -> "
-           f"gauss_noise); {_catalogue(PERTURBATIONS)}. Omit to only score", parse=parse_perturb),
-    Option("perturb_scale", 1.0, "scale of sign_flip / gauss_noise", parse=float,
+           f"gauss_noise); {_catalogue(PERTURBATIONS)}. Several, comma-separated, each with its own scale where "
+           "it has one (zero,sign_flip,gauss_noise:0.5,bit_flip): scored and selected once, each perturbation "
+           "in its own folder perturbations/<name>/. Omit to only score", parse=parse_perturb),
+    Option("perturb_scale", 1.0, "scale of sign_flip / gauss_noise (of each without its own name:scale)", parse=float,
            check=lambda v: None if v >= 0.0 else f"must be a non-negative number, got {v}"),
     Option("perturb_prob", 1.0, "probability that each selected weight is perturbed (seeded)", parse=float,
            check=lambda v: None if 0.0 < v <= 1.0 else f"must be in (0, 1], got {v}"),
@@ -116,7 +167,7 @@ class Perturbation(Experiment):
                              "changed)")
         if opts.topk_sweep and not opts.perturb:
             raise UsageError("--topk-sweep needs --perturb (the sweep measures the perplexity change per k)")
-        if opts.bit_index is not None and opts.perturb != "bit_flip":
+        if opts.bit_index is not None and "bit_flip" not in perturbations(opts):
             raise UsageError("--bit-index only applies to --perturb bit_flip")
         if opts.bit_index is not None and not 0 <= opts.bit_index < 32:
             raise UsageError(f"--bit-index must be in 0..31 (0..15 for bf16/fp16), got {opts.bit_index}")

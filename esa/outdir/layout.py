@@ -55,6 +55,7 @@ PLOT_FILES = ("score_distribution.png", "topk_locations.png", "score_concentrati
 RESULTS_SUFFIX = "_results.json"  # every experiment's results file (<name>_results.json), registered or future
 CHECKPOINT_DIR = "checkpoints"
 METRICS_DIR = "metrics"
+PERTURBATIONS_DIR = "perturbations"  # several --perturb: each one's complete out-dir (in each metric's folder)
 _CHECKPOINT_FILE = re.compile(r"(seed_\d+\.npz|evaluations\.jsonl|super_weights\.json)")
 
 
@@ -71,10 +72,11 @@ def _is_tool_file(folder: str, name: str) -> bool:
 
 
 def run_files(out_dir: Path) -> list[Path]:
-    """The files of a run found in ``out_dir`` (top level, plots/, checkpoints/, metrics/<name>/...)."""
+    """The files of a run found in ``out_dir`` (top level, plots/, checkpoints/, metrics/<name>/...,
+    perturbations/<name>/... at the top or in a metric's folder)."""
     out: list[Path] = []
 
-    def scan(root: Path, nested: bool) -> None:
+    def scan(root: Path, nested: tuple[str, ...]) -> None:
         if not root.is_dir():
             return
         for p in sorted(root.iterdir()):
@@ -82,10 +84,10 @@ def run_files(out_dir: Path) -> list[Path]:
                 out.append(p)
             elif p.is_dir() and p.name in ("plots", CHECKPOINT_DIR):
                 out.extend(q for q in sorted(p.iterdir()) if q.is_file() and _is_tool_file(p.name, q.name))
-            elif p.is_dir() and p.name == METRICS_DIR and nested:
+            elif p.is_dir() and p.name in nested:
                 for sub in sorted(p.iterdir()):
-                    scan(sub, False)
-    scan(out_dir, True)
+                    scan(sub, nested[nested.index(p.name) + 1:])
+    scan(out_dir, (METRICS_DIR, PERTURBATIONS_DIR))
     return out
 
 

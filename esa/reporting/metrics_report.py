@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from esa.outdir.layout import METRICS_DIR
-from esa.outdir.readers import read_json, read_top_rows
+from esa.outdir.readers import leaf_dirs, read_json, read_top_rows
 from esa.reporting import pruning, summary
 from esa.reporting.format import ratio_text, run_text, sci
 from esa.reporting.plotkit import plt, save
@@ -27,6 +27,24 @@ def metric_dirs(out_dir: Path, config: dict) -> dict[str, Path]:
     return {m: out_dir / METRICS_DIR / m for m in config["config"]["metrics"]}
 
 
+def result_dirs(out_dir: Path, config: dict) -> dict[str, Path]:
+    """Each metric's folder holding its results files: the first perturbation's with several (its
+    Top-K, statistics and super weights are every perturbation's)."""
+    out: dict[str, Path] = {}
+    for (m, _), folder in leaf_dirs(out_dir, config["config"]).items():
+        out.setdefault(m, folder)
+    return out
+
+
+def labelled_leaves(out_dir: Path, config: dict) -> dict[str, Path]:
+    """Each single-metric, single-perturbation folder by its table label: `metric`, `perturbation` or
+    `metric` / `perturbation` (whichever the run has several of)."""
+    c = config["config"]
+    several = len(c.get("metrics") or []) > 1
+    return {" / ".join(f"`{x}`" for x in ((m,) if several else ()) + ((p,) if p else ()) or (m,)): folder
+            for (m, p), folder in leaf_dirs(out_dir, c).items()}
+
+
 def _ratio_cell(pert: dict, cond: str) -> str:
     """The condition's perplexity ratio to baseline: mean ± std over seeds (the one seed's ratio alone)."""
     s = (pert.get("summary") or {}).get(cond, {}).get("ratio")
@@ -38,21 +56,22 @@ def _ratio_cell(pert: dict, cond: str) -> str:
     return ratio_text(c["ratio"]) if c else "–"
 
 
-def condition_matrix(out_dir: Path, config: dict) -> summary.Table | None:
-    """metric × condition → perplexity ratio (perturbed ÷ baseline), and top_k vs random_k's p-value."""
-    perts = {m: read_json(d, "perturbation_results.json") for m, d in metric_dirs(out_dir, config).items()}
+def condition_matrix(out_dir: Path, config: dict, what: str = "metric") -> summary.Table | None:
+    """metric (or perturbation, ``what``) × condition → perplexity ratio (perturbed ÷ baseline), and top_k
+    vs random_k's p-value."""
+    perts = {m: read_json(d, "perturbation_results.json") for m, d in labelled_leaves(out_dir, config).items()}
     if any(p is None for p in perts.values()):
         return None
     # every metric's conditions, in order: a control skipped for one metric (random_mag_k under magnitude) is
     # still a column of the others
     conds = list(dict.fromkeys(c for p in perts.values() for c in p["conditions"]))
-    head = ["metric", *conds]
+    head = [what, *conds]
     several = "tests" in next(iter(perts.values()))
     if several:
         head.append("p (top_k vs random_k, log ratio)")
     rows = []
     for m, p in perts.items():
-        row = [f"`{m}`", *(_ratio_cell(p, c) for c in conds)]
+        row = [m, *(_ratio_cell(p, c) for c in conds)]
         if several:
             t = p["tests"].get("top_k_vs_random_k")
             row.append(sci(t["log_ratio"].get("p_value")) if t else "–")
@@ -62,7 +81,7 @@ def condition_matrix(out_dir: Path, config: dict) -> summary.Table | None:
 
 def quantization_matrix(out_dir: Path, config: dict) -> summary.Table | None:
     """metric × block size → perplexity ratio with its Top-K protected (and with as many random weights)."""
-    res = {m: read_json(d, "quantization_results.json") for m, d in metric_dirs(out_dir, config).items()}
+    res = {m: read_json(d, "quantization_results.json") for m, d in result_dirs(out_dir, config).items()}
     if any(r is None for r in res.values()):
         return None
     blocks = next(iter(res.values()))["block_sizes"]
@@ -108,7 +127,7 @@ TOP_SHOWN = 5  # weights per metric in the combined report and summary (all of t
 def top_weights(out_dir: Path, config: dict) -> summary.Table | None:
     """The primary seed's highest-scoring weights of each metric (rank, parameter, coordinates, score)."""
     rows = []
-    for m, folder in metric_dirs(out_dir, config).items():
+    for m, folder in result_dirs(out_dir, config).items():
         top = read_top_rows(folder)
         primary = [r for r in top if r["seed"] == top[0]["seed"]][:TOP_SHOWN] if top else []
         rows += [[f"`{m}`", r["rank"], f"`{r['parameter']}`", f"({r['coords']})", r["score"]] for r in primary]
@@ -117,7 +136,7 @@ def top_weights(out_dir: Path, config: dict) -> summary.Table | None:
 
 def super_weight_ranks(out_dir: Path, config: dict) -> summary.Table | None:
     """Where the detector's candidates rank in each metric's Top-K (per seed; '-' = not in it)."""
-    sws = {m: read_json(d, "super_weights.json") for m, d in metric_dirs(out_dir, config).items()}
+    sws = {m: read_json(d, "super_weights.json") for m, d in result_dirs(out_dir, config).items()}
     if any(s is None for s in sws.values()):
         return None
     cands = next(iter(sws.values()))["candidates"]
@@ -172,6 +191,34 @@ class Section(NamedTuple):
     note: str = ""
 
 
+def markdown_sections(secs: list[Section]) -> list[str]:
+    """The report.md lines of ``secs``: each a heading, its caption, its table and its note."""
+    lines: list[str] = []
+    for s in secs:
+        lines += ["", f"## {s.heading}", "", s.caption[0].upper() + s.caption[1:] + ":", "", *summary.markdown(s.table)]
+        lines += ["", s.note] if s.note else []
+    return lines
+
+
+def console_sections(secs: list[Section]) -> list[str]:
+    """The console summary lines of ``secs``."""
+    return [line for s in secs for line in (f"{s.heading} ({s.caption}):", *summary.text(s.table),
+                                            *([s.note] if s.note else []))]
+
+
+def ratio_section(out_dir: Path, config: dict, what: str) -> list[Section]:
+    """The ``what`` (metric or perturbation) × condition table of perplexity ratios, if the run measured them."""
+    table = condition_matrix(out_dir, config, what)
+    if table is None:
+        return []
+    notes = dict.fromkeys(f"{name} was {block['reason']}." for d in labelled_leaves(out_dir, config).values()
+                          for name, block in ((read_json(d, "perturbation_results.json") or {}).get("controls")
+                                              or {}).items() if isinstance(block, dict) and block.get("skipped"))
+    return [Section(f"{what.capitalize()} × condition → perplexity ratio",
+                    "perturbed ÷ baseline perplexity, mean ± sample std over seeds; a single seed: its ratio", table,
+                    " ".join(notes))]
+
+
 def sections(out_dir: Path, config: dict, agreement: dict | None) -> list[Section]:
     """Each part the out-dir has data for."""
     out = []
@@ -180,14 +227,7 @@ def sections(out_dir: Path, config: dict, agreement: dict | None) -> list[Sectio
         out.append(Section("Top weights of each metric",
                            f"the primary seed's {TOP_SHOWN} highest-scoring weights of each metric; every seed's "
                            f"Top-K is in {METRICS_DIR}/<name>/top_weights.csv", top))
-    table = condition_matrix(out_dir, config)
-    if table is not None:
-        notes = [f"{name} was {block['reason']}." for d in metric_dirs(out_dir, config).values()
-                 for name, block in ((read_json(d, "perturbation_results.json") or {}).get("controls") or {}).items()
-                 if block.get("skipped")]
-        out.append(Section("Metric × condition → perplexity ratio",
-                           "perturbed ÷ baseline perplexity, mean ± sample std over seeds; a single seed: its ratio",
-                           table, " ".join(notes)))
+    out += ratio_section(out_dir, config, "metric")
     quant = quantization_matrix(out_dir, config)
     if quant is not None:
         out.append(Section("Metric × block size → quantized perplexity ratio",
@@ -222,24 +262,28 @@ def build_report(out_dir: Path) -> str:
              f"**Configuration.** All metrics scored in one pass per seed on the same calibration windows "
              f"(seeds {', '.join(map(str, c['seeds']))}); every metric has its own folder `metrics/<name>/` with "
              f"the files and report of a single-metric run.{status}"]
-    for s in sections(out_dir, cfg, ag):
-        lines += ["", f"## {s.heading}", "", s.caption[0].upper() + s.caption[1:] + ":", "", *summary.markdown(s.table)]
-        lines += ["", s.note] if s.note else []
+    lines += markdown_sections(sections(out_dir, cfg, ag))
     if (out_dir / HEATMAP).is_file():
         lines += ["", f"![metric agreement]({HEATMAP})"]
     if (out_dir / pruning.PLOT).is_file():
         lines += ["", f"![pruning]({pruning.PLOT})"]
-    lines += ["", "## Per-metric reports", ""]
-    lines += [f"- [`{m}`]({METRICS_DIR}/{m}/report.md)" for m in metrics]
-    lines += ["", "## Files", "", "| file | content |", "|---|---|",
-              "| `config.json` | the run's configuration (all metrics) |",
-              "| `experiment_manifest.json` | status, timings per phase, peak memory, every file |",
-              "| `metric_agreement.json` | per pair of metrics and seed: Jaccard of the Top-Ks, Spearman on the union "
-              "of the Top-Ks |", f"| `{HEATMAP}` | the agreement matrices (PNG) |",
-              *([f"| `{pruning.PLOT}` | every metric's pruning curve, controls dashed (PNG) |"]
-                if (out_dir / pruning.PLOT).is_file() else []),
-              f"| `{METRICS_DIR}/<name>/` | each metric's single-metric out-dir |", "| `report.md` | this report |"]
+    lines += index_lines("Per-metric reports", {m: f"{METRICS_DIR}/{m}/report.md" for m in metrics}, {
+        "config.json": "the run's configuration (all metrics)",
+        "experiment_manifest.json": "status, timings per phase, peak memory, every file",
+        "metric_agreement.json": "per pair of metrics and seed: Jaccard of the Top-Ks, Spearman on the union of the "
+                                 "Top-Ks", HEATMAP: "the agreement matrices (PNG)",
+        **({pruning.PLOT: "every metric's pruning curve, controls dashed (PNG)"}
+           if (out_dir / pruning.PLOT).is_file() else {}),
+        f"{METRICS_DIR}/<name>/": "each metric's single-metric out-dir"})
     return "\n".join(lines) + "\n"
+
+
+def index_lines(heading: str, reports: dict[str, str], files: dict[str, str]) -> list[str]:
+    """The end of a report over several folders: a link to each folder's report (name -> path), then
+    the file table (file -> content) ending with this report."""
+    return ["", f"## {heading}", "", *(f"- [`{n}`]({p})" for n, p in reports.items()), "", "## Files", "",
+            "| file | content |", "|---|---|", *(f"| `{f}` | {what} |" for f, what in files.items()),
+            "| `report.md` | this report |"]
 
 
 def console_summary(out_dir: Path) -> str:
@@ -247,6 +291,4 @@ def console_summary(out_dir: Path) -> str:
     c = cfg["config"]
     lines = [f"ESA summary  model={c['model']}  metrics={','.join(c['metrics'])}  mode={c['mode']}  "
              f"k={c['topk']}  seeds={','.join(map(str, c['seeds']))}  perturb={c['perturb'] or 'none'}"]
-    for s in sections(out_dir, cfg, read_json(out_dir, "metric_agreement.json")):
-        lines += [f"{s.heading} ({s.caption}):", *summary.text(s.table), *([s.note] if s.note else [])]
-    return "\n".join(lines)
+    return "\n".join(lines + console_sections(sections(out_dir, cfg, read_json(out_dir, "metric_agreement.json"))))

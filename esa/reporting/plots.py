@@ -4,7 +4,8 @@
 one-sentence reading computed from the data); a plot whose data is absent is skipped:
 
 * ``score_distribution.png``: log-log CCDF of the primary seed's scores per module type + Top-K threshold;
-* ``topk_locations.png``: heatmap of Top-K counts by layer index x module type;
+* ``topk_locations.png``: heatmap of Top-K counts by layer index x module type (per_layer / per_row,
+  where every tensor or row holds k: the Top-K's share of each cell's total score);
 * ``score_concentration.png``: share of each tensor's total score held by its top 0.1 %;
 * ``perturbation_effect.png``: ΔPPL of the Top-K and each control, per seed and mean ± std;
 * ``stability.png``: Jaccard matrix of the Top-K across seeds (>= 2 seeds);
@@ -52,29 +53,52 @@ def _primary_rows(out_dir: Path) -> list[dict]:
     return [r for r in rows if r["seed"] == rows[0]["seed"]] if rows else []
 
 
-def _location_counts(out_dir: Path, rows: list[dict]) -> tuple[list[str], np.ndarray]:
-    """Row labels (emb/head, then every layer of the model, so depth reads true even where no Top-K
-    weight lives) and counts ``[rows, len(MODULE_TYPES)]``."""
+def _mode(out_dir: Path) -> str | None:
+    cfg = read_json(out_dir, "config.json")
+    return cfg["config"]["mode"] if cfg is not None else None
+
+
+def topk_location_grid(out_dir: Path, rows: list[dict]) -> tuple[list[str], np.ndarray, str]:
+    """What ``topk_locations.png`` shows: row labels (emb/head, then every layer of the model, so depth
+    reads true even where no Top-K weight lives), the values ``[rows, len(MODULE_TYPES)]`` (float64) and
+    what they are: ``"count"`` (global: how many Top-K weights fall in the cell) or, where the mode
+    puts k in every tensor or row so that counts are the same by construction, ``"share"``: the Top-K's
+    share of the cell's total score (sum of its Top-K scores in ``top_weights.csv`` ÷ sum over its
+    tensors of mean × count in ``sensitivity_stats.json``)."""
     stats = read_json(out_dir, "sensitivity_stats.json")
-    names = list(stats["tensors"]) if stats else []
-    ylabels, row = layer_rows(names + [r["parameter"] for r in rows])
-    counts = np.zeros((len(ylabels), len(MODULE_TYPES)))
+    tensors = stats["tensors"] if stats else {}
+    ylabels, row = layer_rows(list(tensors) + [r["parameter"] for r in rows])
+    values = np.zeros((len(ylabels), len(MODULE_TYPES)))
+    cell = {n: (row[n], MODULE_TYPES.index(module_type(n))) for n in row}
+    structured = _mode(out_dir) in ("per_layer", "per_row") and all(r["parameter"] in tensors for r in rows)
     for r in rows:
-        counts[row[r["parameter"]], MODULE_TYPES.index(module_type(r["parameter"]))] += 1
-    return ylabels, counts
+        values[cell[r["parameter"]]] += float(r["score"]) if structured else 1.0
+    if not structured:
+        return ylabels, values, "count"
+    totals = np.zeros_like(values)
+    for name, s in tensors.items():
+        totals[cell[name]] += s["mean"] * s["count"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ylabels, np.where(totals > 0, values / totals, 0.0), "share"
 
 
 def plot_topk_locations(out_dir: Path, dest: Path) -> bool:
     rows = _primary_rows(out_dir)
     if not rows:
         return False
-    ylabels, counts = _location_counts(out_dir, rows)
-    cells = [(i, j, f"{int(counts[i, j])}", "white" if counts[i, j] < 0.6 * counts.max() else "black")
-             for i, j in zip(*np.nonzero(counts))]
-    fig, _ = layer_type_heatmap(np.ma.masked_equal(counts, 0),  # empty cells blank: a few hot cells stand out
+    ylabels, values, kind = topk_location_grid(out_dir, rows)
+    top = values.max()
+    text = (lambda v: f"{int(v)}") if kind == "count" else (lambda v: f"{100 * v:.2g}%")
+    cells = [(i, j, text(values[i, j]), "white" if values[i, j] < 0.6 * top else "black")
+             for i, j in zip(*np.nonzero(values))]
+    what = ("cell = count" if kind == "count" else
+            f"{_mode(out_dir)}: k in every {'tensor' if _mode(out_dir) == 'per_layer' else 'row'}; "
+            "cell = the Top-K's share of the cell's total score")
+    fig, _ = layer_type_heatmap(np.ma.masked_equal(values, 0),  # empty cells blank: a few hot cells stand out
                                 ylabels, "viridis", cells, xlabel="module type (from parameter names)",
-                                title=f"Where the Top-K live: {len(rows)} weights of seed {rows[0]['seed']} "
-                                      "(cell = count)", bar_label="Top-K weights in the cell (count)")
+                                title=f"Where the Top-K live: {len(rows)} weights of seed {rows[0]['seed']} ({what})",
+                                bar_label="Top-K weights in the cell (count)" if kind == "count"
+                                else "Top-K share of the cell's total score")
     save(fig, dest)
     return True
 
@@ -83,23 +107,24 @@ def read_topk_locations(out_dir: Path) -> str | None:
     rows = _primary_rows(out_dir)
     if not rows:
         return None
-    ylabels, counts = _location_counts(out_dir, rows)
+    ylabels, values, kind = topk_location_grid(out_dir, rows)
+    if kind == "share":
+        i, j = np.unravel_index(int(values.argmax()), values.shape)
+        unit = "tensor" if _mode(out_dir) == "per_layer" else "output row"
+        return (f"{_mode(out_dir)} selects k in every {unit}, so the cells show the Top-K's share of each cell's "
+                f"total score instead of counts: highest in {MODULE_TYPES[j]} of "
+                f"{'layer ' if i else ''}{ylabels[i]} ({100 * values[i, j]:.3g} %), median over the cells "
+                f"{100 * float(np.median(values[values > 0])):.3g} %.")
     n = len(rows)
-    by_type = counts.sum(0)
-    by_layer = counts.sum(1)
+    by_type = values.sum(0)
+    by_layer = values.sum(1)
     t = int(by_type.argmax())
     order = np.argsort(-by_layer, kind="stable")[:3]
     layers = ", ".join(f"{'layer ' if i else ''}{ylabels[i]} ({int(by_layer[i])})" for i in order if by_layer[i] > 0)
     per_tensor = len({r["parameter"] for r in rows})
-    text = (f"{int(by_type[t])} of the {n} Top-K weights ({100 * by_type[t] / n:.0f} %) are in "
+    return (f"{int(by_type[t])} of the {n} Top-K weights ({100 * by_type[t] / n:.0f} %) are in "
             f"{TYPE_PHRASES.get(MODULE_TYPES[t], MODULE_TYPES[t] + ' projections')} and the busiest rows are "
-            f"{layers}; they sit in {per_tensor} distinct tensors")
-    cfg = read_json(out_dir, "config.json")
-    mode = cfg["config"]["mode"] if cfg is not None else None
-    if mode in ("per_layer", "per_row"):
-        unit = "tensor" if mode == "per_layer" else "output row"
-        text += f" ({mode} selects k in every {unit}, so the counts mirror the number of {unit}s per cell)"
-    return text + "."
+            f"{layers}; they sit in {per_tensor} distinct tensors.")
 
 
 @dataclass(frozen=True)

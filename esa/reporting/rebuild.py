@@ -8,7 +8,7 @@ What a tool wrote is told by its files:
   ``super_weights.png``), ``super_weights.txt``, the score plots under ``plots/`` *if the run drew
   them* (``--save-plots``: its config or manifest says so; ``save_plots=True`` here draws them for a
   run that did not), report.md; a multi-metric run also each metric's folder and the agreement
-  heatmap;
+  heatmap; a run of several perturbations each perturbation's folder and the report above them;
 * an out-dir of ``scripts/find_super_weights.py`` (``super_weights.json``, no config.json): its
   plot and table;
 * an out-dir of ``scripts/baseline_runner.py`` (``baseline_results.json``) holds no figure or
@@ -21,9 +21,8 @@ from pathlib import Path
 
 from esa.errors import UsageError
 from esa.outdir.atomic import atomic_write_text
-from esa.outdir.layout import METRICS_DIR
-from esa.outdir.readers import read_json
-from esa.reporting import metrics_report, parts, plots, report_md
+from esa.outdir.readers import leaf_dirs, read_json
+from esa.reporting import metrics_report, parts, perturbations_report, plots, report_md
 from esa.reporting.superweights import JSON_NAME, TABLE_NAME, format_table
 
 
@@ -73,9 +72,14 @@ def rebuild(out_dir: Path, save_plots: bool = False) -> list[Path]:
         return [*parts.figures(out_dir), *_super_weights_table(out_dir)]
     manifest = read_json(out_dir, "experiment_manifest.json")
     config = read_json(out_dir, "config.json")
-    if not metrics_report.is_multi(config):
-        return _single(out_dir, manifest, "", save_plots)
     made = []
-    for name, folder in metrics_report.metric_dirs(out_dir, config).items():
-        made += _single(folder, manifest, f"{METRICS_DIR}/{name}/", save_plots)
+    for folder in leaf_dirs(out_dir, config["config"]).values():
+        rel = folder.relative_to(out_dir).as_posix()
+        made += _single(folder, manifest, "" if rel == "." else f"{rel}/", save_plots)
+    if perturbations_report.is_multi(config):  # each folder holding perturbations/<name>/: its own report
+        for folder in (metrics_report.metric_dirs(out_dir, config) if metrics_report.is_multi(config)
+                       else {"": out_dir}).values():
+            made.append(report_md.write_report(folder))
+    if not metrics_report.is_multi(config):
+        return made
     return [*made, *metrics_report.figures(out_dir), report_md.write_report(out_dir)]

@@ -15,7 +15,7 @@ from pathlib import Path
 from esa.outdir.atomic import atomic_write_text
 from esa.outdir.layout import CHECKPOINT_DIR
 from esa.outdir.readers import read_json
-from esa.reporting import metrics_report, parts, quantization, summary
+from esa.reporting import metrics_report, parts, perturbations_report, quantization, summary
 from esa.reporting.format import count_text, num, prune_levels, ratio_text, run_text, sci, verb
 from esa.reporting.plots import PLOTS
 from esa.reporting.superweights import feeds_text
@@ -194,9 +194,12 @@ def build_report(out_dir: Path) -> str:
 
 def write_report(out_dir: Path) -> Path:
     """Write ``OUT_DIR/report.md`` atomically from the out-dir's files (a multi-metric run's combined
-    report: :mod:`esa.reporting.metrics_report`); returns its path."""
+    report: :mod:`esa.reporting.metrics_report`; the folder of several perturbations:
+    :mod:`esa.reporting.perturbations_report`); returns its path."""
     out_dir = Path(out_dir)
     dest = out_dir / "report.md"
-    multi = metrics_report.is_multi(read_json(out_dir, "config.json"))
-    atomic_write_text(dest, metrics_report.build_report(out_dir) if multi else build_report(out_dir))
+    config = read_json(out_dir, "config.json")
+    build = (metrics_report.build_report if metrics_report.is_multi(config)
+             else perturbations_report.build_report if perturbations_report.is_multi(config) else build_report)
+    atomic_write_text(dest, build(out_dir))
     return dest

@@ -16,7 +16,7 @@ from esa.evaluators.measure import Measurer
 from esa.model.device import DeviceChoice
 from esa.model.targets import Target
 from esa.options import Options
-from esa.outdir.layout import METRICS_DIR
+from esa.outdir.layout import METRICS_DIR, PERTURBATIONS_DIR
 from esa.outdir.manifest import Manifest, ScopedManifest
 
 
@@ -86,3 +86,24 @@ class RunContext:
         prefix = f"{METRICS_DIR}/{metric}/"
         return dataclasses.replace(self, cfg=self.cfg.for_metric(metric), out_dir=self.out_dir / METRICS_DIR / metric,
                                    manifest=ScopedManifest(self.manifest, prefix))
+
+    def leaves(self, metric: str) -> dict[str, RunContext]:
+        """What each single-metric, single-perturbation run would see, by :func:`leaf_key`: the metric's
+        view itself, or (several ``--perturb``) one view per perturbation in its own folder
+        ``perturbations/<name>/`` of the metric's view, with that perturbation's configuration."""
+        view = self.view(metric)
+        if not self.cfg.multi_perturb:
+            return {leaf_key(metric, None): view}
+        return {leaf_key(metric, p): dataclasses.replace(
+            view, cfg=view.cfg.for_perturbation(p), out_dir=view.out_dir / PERTURBATIONS_DIR / p,
+            manifest=ScopedManifest(view.manifest, f"{PERTURBATIONS_DIR}/{p}/")) for p in self.cfg.perturbations}
+
+    def all_leaves(self) -> dict[str, RunContext]:
+        """:meth:`leaves` of every metric, in the order of the metrics, then of the perturbations."""
+        return {k: v for m in self.cfg.scoring.metrics for k, v in self.leaves(m).items()}
+
+
+def leaf_key(metric: str, perturbation: str | None) -> str:
+    """How a run's results are keyed: the metric, or ``<metric>/<perturbation>`` with several ``--perturb``
+    (also the key of a seed's selections in its checkpoint)."""
+    return metric if perturbation is None else f"{metric}/{perturbation}"

@@ -127,8 +127,9 @@ def load(cfg: RunConfig, choice: DeviceChoice, device: str, out_dir: Path, manif
     measurer = Measurer(model, evaluators, journal, done)
     ctx = RunContext(cfg, choice, model, tok, targets, data, out_dir, manifest, is_main,
                      measurer=measurer, restoring=restorer(cfg, model, data.eval_windows, measurer))
-    for exp in experiments(ctx):
-        exp.check()  # e.g. the bit of --bit-index in the model's dtype: fail before hours of scoring
+    for leaf in ctx.leaves(cfg.scoring.metrics[0]).values():  # each perturbation's own experiment
+        for exp in experiments(leaf):
+            exp.check()  # e.g. the bit of --bit-index in the model's dtype: fail before hours of scoring
     ctx.coverage = coverage(model, targets, excluded)
     ctx.fingerprints = {"model_weights": weights_fingerprint(model),
                         "data": data_fingerprint(data.eval_windows, data.calib_pool, data.data_source),
@@ -186,8 +187,10 @@ def scorable_targets(cfg: RunConfig, model) -> tuple[list[Target], dict[str, str
 
 def _run(ctx: RunContext) -> RunResult:
     cfg, is_main = ctx.cfg, ctx.is_main
+    leaves = ctx.all_leaves()  # what each single-metric, single-perturbation run would see (RunContext.leaves)
     if is_main:  # a resumed run keeps the config.json (and the primary seed's statistics) it started with
-        for view in {v.out_dir: v for v in (ctx, *(ctx.view(m) for m in cfg.scoring.metrics))}.values():
+        folders = (ctx, *(ctx.view(m) for m in cfg.scoring.metrics), *leaves.values())
+        for view in {v.out_dir: v for v in folders}.values():
             if not cfg.output.resume:
                 view.out_dir.mkdir(parents=True, exist_ok=True)
                 records.write_config(view)
@@ -196,11 +199,11 @@ def _run(ctx: RunContext) -> RunResult:
                     view.manifest.add_file(name)
     seeds = [_seed(ctx, s, primary=(i == 0)) for i, s in enumerate(cfg.scoring.seeds)]
     run = RunResult(ctx.out_dir)
-    for m in cfg.scoring.metrics:
-        run.metrics[m] = MetricResult(m, [s.results[m] for s in seeds])
-        run.metrics[m].stability = _stability(ctx.view(m), run.metrics[m])
+    for key, leaf in leaves.items():
+        run.metrics[key] = MetricResult(leaf.metric, [s.results[key] for s in seeds])
+        run.metrics[key].stability = _stability(leaf, run.metrics[key])
         if is_main:
-            write_selections(ctx.view(m), run.metrics[m])
+            write_selections(leaf, run.metrics[key])
     if cfg.multi:
         s = cfg.scoring
         run.agreement = agreement_summary(list(s.metrics), list(s.seeds), s.topk, s.mode,
@@ -211,9 +214,9 @@ def _run(ctx: RunContext) -> RunResult:
     if cfg.super_weights.detect_super_weights:
         with ctx.manifest.phase("super_weights"):
             ctx.super_weights = detect_super_weights(ctx)
-    views = {m: ctx.view(m) for m in cfg.scoring.metrics}  # after the detector: they carry its result
-    for m, view in views.items():
-        res = run.metrics[m]
+    leaves = ctx.all_leaves()  # after the detector: they carry its result
+    for key, view in leaves.items():
+        res = run.metrics[key]
         if ctx.super_weights is not None:
             res.super_weights = with_overlap(view, ctx.super_weights, res.selections)
         res.experiments, measured = measure_all(view, res.selections)
@@ -221,7 +224,7 @@ def _run(ctx: RunContext) -> RunResult:
             measured.append(abl)
         res.evaluations = ctx.measurer.results_files(measured)  # e.g. task_results.json
     if is_main:
-        write_outputs(ctx, views, run)
+        write_outputs(ctx, leaves, run)
     return run
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from esa.experiment.registry import EXPERIMENTS, SeedSelections
 from esa.model import distributed
 from esa.outdir.journal import fault_point
-from esa.reporting import metrics_report, parts, plots, report_md, summary
+from esa.reporting import metrics_report, parts, perturbations_report, plots, report_md, summary
 from esa.reporting.superweights import PLOT_NAME, format_table, write_super_weights
 from esa.runner import records
 from esa.runner.context import RunContext
@@ -35,7 +35,8 @@ class MetricResult:
 
 @dataclass
 class RunResult:
-    """A whole run: its out-dir, each metric's result, and (several metrics) their agreement;
+    """A whole run: its out-dir, each metric's result (by :func:`esa.runner.context.leaf_key`: with several
+    perturbations one per metric and perturbation), and (several metrics) their agreement;
     ``finished_before``: a ``--resume`` of a run that had already finished (nothing was done)."""
 
     out_dir: Path
@@ -63,12 +64,13 @@ def write_selections(view: RunContext, result: MetricResult) -> None:
 
 
 def write_outputs(ctx: RunContext, views: dict[str, RunContext], run: RunResult) -> None:
-    """Rank 0's remaining files: each metric's super-weight files, experiment results and plots,
-    (several metrics) the agreement heatmap, then every report.md; then print the summary."""
+    """Rank 0's remaining files: each leaf's (:meth:`RunContext.leaves`: metric and perturbation)
+    super-weight files, experiment results and plots, (several metrics) the agreement heatmap, then
+    every report.md; then print the summary."""
     cfg, out_dir, manifest = ctx.cfg, ctx.out_dir, ctx.manifest
     plot_paths: list[Path] = []
-    for m, view in views.items():
-        res = run.metrics[m]
+    for key, view in views.items():
+        res = run.metrics[key]
         if res.super_weights is not None:
             for name in write_super_weights(res.super_weights, view.out_dir):
                 view.manifest.add_file(name)
@@ -95,16 +97,20 @@ def write_outputs(ctx: RunContext, views: dict[str, RunContext], run: RunResult)
     # report.md is always written (text, cheap; plot sections only with --save-plots), after the
     # manifest says success so that the report quotes the final status; if it fails, the
     # recording() block turns the manifest to failed
-    for view in views.values():
+    # the folders above the perturbations' (several --perturb): each metric's, or the run's
+    above = [ctx.view(m) for m in cfg.scoring.metrics] if cfg.multi_perturb else []
+    for view in (*views.values(), *above):
         view.manifest.add_file("report.md")
     manifest.add_file("report.md")
     fault_point("report")  # tests: killed while the outputs are being written
     manifest.finish("success")
-    for view in views.values():
+    for view in (*views.values(), *above):
         report_md.write_report(view.out_dir)
     if cfg.multi:
         report_md.write_report(out_dir)
         print(metrics_report.console_summary(out_dir), flush=True)
+    elif cfg.multi_perturb:
+        print(perturbations_report.console_summary(out_dir), flush=True)
     else:
         res = run.only()
         text = summary.console_summary(cfg.to_json(), res.experiments.get("perturbation"), res.stability,

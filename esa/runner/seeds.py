@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import logging
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ def score_seed(ctx: RunContext, seed: int, write_stats: bool) -> SeedScores:
     checkpointing = cfg.distributed.gradient_checkpointing
     mctx = MetricContext(seed=seed, recomputes_forward=checkpointing, **cfg.scoring.options)
     results: dict[str, SeedSelections] = {}
+    tops: dict[str, selection.Selection] = {}
     kept: dict[str, dict[str, torch.Tensor]] = {}
     with (checkpointed_blocks(model) if checkpointing else contextlib.nullcontext()):
         scoring = score_metrics(list(cfg.scoring.metrics), model, targets, windows, cfg.data.batch_size, mctx)
@@ -82,8 +84,9 @@ def score_seed(ctx: RunContext, seed: int, write_stats: bool) -> SeedScores:
                 scored = next(scoring, None)
             if scored is None:
                 break
-            view = ctx.view(scored.metric)
-            results[scored.metric] = _select(view, scored, seed, chosen.tolist(), write_stats)
+            selected = _select(ctx.leaves(scored.metric), scored, seed, chosen.tolist(), write_stats)
+            results.update(selected)
+            tops[scored.metric] = next(iter(selected.values())).top  # the same Top-K for every perturbation
             fault_point(f"scoring:{seed}")  # tests: killed while this seed is being scored
             if cfg.multi:
                 kept[scored.metric] = scored.scores
@@ -91,46 +94,80 @@ def score_seed(ctx: RunContext, seed: int, write_stats: bool) -> SeedScores:
     agreement = None
     if cfg.multi:
         with manifest.phase("agreement"):
-            agreement = seed_agreement(kept, {m: r.top for m, r in results.items()}, scores_split(targets))
+            agreement = seed_agreement(kept, tops, scores_split(targets))
     del kept  # only the selections outlive this function: memory stays flat in the number of seeds
     release_memory()
     return SeedScores(results, agreement)
 
 
-def _select(view: RunContext, scored: Scored, seed: int, windows: list[int], write_stats: bool) -> SeedSelections:
-    """One metric's Top-K and controls of one seed; its statistics and score sample for the primary seed."""
-    cfg, names, scores = view.cfg, view.names, scored.scores
+def _select(leaves: dict[str, RunContext], scored: Scored, seed: int, windows: list[int], write_stats: bool
+            ) -> dict[str, SeedSelections]:
+    """One metric's Top-K and controls of one seed for each of its ``leaves`` (one per perturbation, see
+    :meth:`RunContext.leaves`: the Top-K is ranked once; bottom_k is drawn again only for a perturbation
+    whose exact zeros count differently); its statistics and score sample, computed once for the
+    primary seed and written into every leaf's folder."""
+    view = next(iter(leaves.values()))
+    names, scores = view.names, scored.scores
+    out: dict[str, SeedSelections] = {}
     with view.manifest.phase("selection"):
-        chosen_k = select_all(cfg, scores, names, seed, control_context(cfg, view.targets))
-        top, controls = chosen_k[view.topk]
-        sweep = {k: v for k, v in chosen_k.items() if k != view.topk}
-        if distributed.active():  # the payload is O(k) Python objects: only built when there are ranks
-            distributed.check_same(f"the {cfg.metric} selections of seed {seed}", repr(
-                [(k, top_k.ranked(names), {c: s.ranked(names) for c, s in ctl.items()})
-                 for k, (top_k, ctl) in sorted(chosen_k.items())]).encode())
-    split = scores_split(view.targets)
-    if write_stats and (view.is_main or split is not None):  # split: every rank takes part, rank 0 writes
-        with view.manifest.phase("stats"):
-            shapes = {t.name: t.shape for t in view.targets}
-            stats = all_stats(scores, shapes) if split is None else shard_stats.all_stats(scores, shapes)
-            for name, extra in scored.extra_stats.items():
-                stats[name].update(extra)
-            if view.is_main:
-                view.out_dir.mkdir(parents=True, exist_ok=True)
-            write_score_sample(view.out_dir / "score_distribution.npz" if view.is_main else None, scores, names,
-                               top, numpy_rng(seed, "score_sample"),
-                               {"metric": cfg.metric, "mode": view.mode, "k": view.topk, "seed": seed}, split)
-        if view.is_main:
-            atomic.write_json(view.out_dir / "sensitivity_stats.json", {"metric": cfg.metric, "seed": seed,
-                                                                        "tensors": stats})
-            view.manifest.add_file("sensitivity_stats.json")
-            view.manifest.add_file("score_distribution.npz")
+        chosen: dict[bool, dict] = {}  # by zeros_unchanged: what of the selection depends on the perturbation
+        for key, leaf in leaves.items():
+            cctx = control_context(leaf.cfg, leaf.targets)
+            if cctx.zeros_unchanged not in chosen:
+                chosen[cctx.zeros_unchanged] = select_all(leaf.cfg, scores, names, seed, cctx)
+                _check_same(leaf, seed, chosen[cctx.zeros_unchanged])
+            chosen_k = chosen[cctx.zeros_unchanged]
+            top, controls = chosen_k[view.topk]
+            out[key] = SeedSelections(seed, top, controls, windows, {k: v for k, v in chosen_k.items()
+                                                                     if k != view.topk})
+    if write_stats:
+        _write_stats(list(leaves.values()), scored, seed, out[next(iter(out))].top)
     kept = {}
     with view.manifest.phase("selection"):
-        for name in cfg.experiment.enabled():  # e.g. pruning masks: the scores are freed after this seed
+        for name in view.cfg.experiment.enabled():  # e.g. pruning masks: the scores are freed after this seed
             if got := EXPERIMENTS[name].keep(view, scores):
                 kept[name] = got
-    return SeedSelections(seed, top, controls, windows, sweep, kept)
+    return {key: dataclasses.replace(sel, kept=kept) for key, sel in out.items()} if kept else out
+
+
+def _check_same(view: RunContext, seed: int, chosen_k: dict) -> None:
+    """Under torchrun every rank must have chosen the same weights (else the ranks would measure different
+    conditions); the payload is O(k) Python objects, only built when there are ranks."""
+    if distributed.active():
+        names = view.names
+        distributed.check_same(f"the {view.cfg.metric} selections of seed {seed}", repr(
+            [(k, top_k.ranked(names), {c: s.ranked(names) for c, s in ctl.items()})
+             for k, (top_k, ctl) in sorted(chosen_k.items())]).encode())
+
+
+def _write_stats(leaves: list[RunContext], scored: Scored, seed: int, top: selection.Selection) -> None:
+    """The primary seed's ``sensitivity_stats.json`` and ``score_distribution.npz``, computed once (every
+    rank takes part when the scores are split) and written by rank 0 into each leaf's folder."""
+    view, scores = leaves[0], scored.scores
+    split = scores_split(view.targets)
+    if not (view.is_main or split is not None):
+        return
+    with view.manifest.phase("stats"):
+        shapes = {t.name: t.shape for t in view.targets}
+        stats = all_stats(scores, shapes) if split is None else shard_stats.all_stats(scores, shapes)
+        for name, extra in scored.extra_stats.items():
+            stats[name].update(extra)
+        if view.is_main:
+            for leaf in leaves:
+                leaf.out_dir.mkdir(parents=True, exist_ok=True)
+        sample = view.out_dir / "score_distribution.npz"
+        write_score_sample(sample if view.is_main else None, scores, view.names, top,
+                           numpy_rng(seed, "score_sample"),
+                           {"metric": view.cfg.metric, "mode": view.mode, "k": view.topk, "seed": seed}, split)
+    if not view.is_main:
+        return
+    for leaf in leaves:
+        if leaf is not view:  # the same sample: sampled once, copied
+            atomic.atomic_write_bytes(leaf.out_dir / sample.name, sample.read_bytes())
+        atomic.write_json(leaf.out_dir / "sensitivity_stats.json", {"metric": view.cfg.metric, "seed": seed,
+                                                                    "tensors": stats})
+        leaf.manifest.add_file("sensitivity_stats.json")
+        leaf.manifest.add_file("score_distribution.npz")
 
 
 def scores_split(targets: list[Target]) -> Split | None:
